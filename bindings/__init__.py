@@ -1,0 +1,1 @@
+"""lmarith.bindings: Python wrappers over the compiled lmarith._C."""

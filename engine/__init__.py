@@ -1,0 +1,1 @@
+"""lmarith: composed decoding over several language models."""

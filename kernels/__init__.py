@@ -1,0 +1,1 @@
+"""lmarith.kernels: Triton kernels and their plain-torch references."""

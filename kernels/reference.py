@@ -1,0 +1,152 @@
+"""Plain-torch reference faces of lmarith's kernels: the specification the Triton
+(`lmarith.kernels`) and C++ (`lmarith._C`) faces are tested against.
+
+combine(logits [T, B, V], plan tensors) -> (log_probs [B, V], lse [B])
+    A plan row-block r (r = 0 .. R-1, R = 1 + 2G) is a linear combination of the terms'
+    log-softmax values: S_r = sum_t weights[b, r, t] * L_t + consts[b, r], with static
+    norm N_r = sum_t weights[b, r, t] + consts[b, r]. Row-block 0 is the linear part; group
+    g combines row-blocks 1+2g (left) and 2+2g (right) with kind +1 (max, Union) or -1
+    (min, Intersection), winner's norm taken per token, scaled by group_coefs[b, g]:
+        value = S_0 + sum_g c_g * pick_g(S_l, S_r),  norm = N_0 + sum_g c_g * N_winner
+    scores = value / norm where norm != 0, else value;  log_probs = scores - lse(scores).
+    Forbidden tokens: a term with weight != 0 whose log-prob is -inf makes its row-block
+    -inf there; a group whose picked side is -inf (with c_g != 0) makes the token -inf.
+    Ties in max/min take the left side's norm.
+
+sample(log_probs [B, V], temperature, top_k, top_p, min_p, seed, step) -> tokens [B]
+    temperature == 0: argmax (lowest index among ties). Otherwise scaled = log_probs / T,
+    then top-k (keep scaled >= k-th largest; ties at the threshold are kept), top-p over the
+    renormalised survivors (keep x iff the mass of survivors with probability strictly
+    greater than p(x) is < top_p), min-p (keep p(x) >= min_p * max p), and an exponential
+    race: argmax over kept x of scaled(x) - log(-log(u(seed, step, x))).
+    u is a counter-based uniform in (0, 1): see `uniform`.
+"""
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+GOLDEN32 = 0x9E3779B9
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on uint32 values held in int64 tensors."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def row_key(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Per-row hash state from a 64-bit seed and a step counter (low 32 bits used)."""
+    seed = seed.to(torch.int64)
+    seed_lo = seed & MASK32
+    seed_hi = (seed >> 32) & MASK32
+    key = mix32(seed_lo ^ GOLDEN32)
+    key = mix32(key ^ seed_hi)
+    return mix32(key ^ (step.to(torch.int64) & MASK32))
+
+
+def uniform(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Counter-based uniforms u[b, x] in (0, 1), float32, keyed by (seed[b], step[b], x).
+
+    u = ((h >> 8) + 0.5) * 2**-24 with h = mix32(row_key ^ x): exact in float32, never 0 or 1.
+    """
+    tokens = torch.arange(vocab_size, dtype=torch.int64, device=seed.device)
+    hashed = mix32(row_key(seed, step)[:, None] ^ tokens[None, :])
+    return ((hashed >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+
+
+def gumbel(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """-log(-log(u)) in float32: adding it and taking argmax is the exponential race."""
+    u = uniform(seed, step, vocab_size)
+    return -torch.log(-torch.log(u))
+
+
+def _term_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _row_blocks(log_probs: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor):
+    """Values S [B, R, V] and static norms N [B, R] of the plan's linear row-blocks."""
+    num_terms = log_probs.shape[0]
+    values = consts[:, :, None].expand(-1, -1, log_probs.shape[-1]).clone()
+    forbidden = torch.zeros_like(values, dtype=torch.bool)
+    for t in range(num_terms):
+        w = weights[:, :, t][:, :, None]
+        lp = log_probs[t][:, None, :]
+        active = w != 0
+        finite = torch.isfinite(lp)
+        values = values + torch.where(active & finite, w * torch.where(finite, lp, 0.0), 0.0)
+        forbidden |= active & ~finite
+    values = values.masked_fill(forbidden, float("-inf"))
+    norms = weights.sum(dim=-1) + consts
+    return values, norms
+
+
+def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
+            group_coefs: torch.Tensor, group_kinds: torch.Tensor):
+    """Evaluate a compiled formula plan on stacked raw logits; see the module docstring.
+
+    logits [T, B, V] (any float dtype); weights [B, R, T] f32; consts [B, R] f32;
+    group_coefs [B, G] f32; group_kinds [B, G] int32 (+1 max, -1 min). Returns
+    (log_probs [B, V] f32, lse [B] f32).
+    """
+    values, norms = _row_blocks(_term_log_probs(logits), weights.float(), consts.float())
+    total = values[:, 0, :]
+    total_norm = norms[:, 0:1].expand_as(total).clone()
+    for g in range(group_coefs.shape[1]):
+        left, right = values[:, 1 + 2 * g, :], values[:, 2 + 2 * g, :]
+        is_max = (group_kinds[:, g] > 0)[:, None]
+        left_wins = torch.where(is_max, left >= right, left <= right)
+        picked = torch.where(left_wins, left, right)
+        picked_norm = torch.where(left_wins, norms[:, 1 + 2 * g, None], norms[:, 2 + 2 * g, None])
+        coef = group_coefs[:, g, None].float()
+        active = coef != 0
+        total = torch.where(active & torch.isneginf(picked), float("-inf"),
+                            total + torch.where(active, coef * picked, 0.0))
+        total_norm = total_norm + torch.where(active, coef * picked_norm, 0.0)
+    scores = torch.where(total_norm != 0, total / torch.where(total_norm != 0, total_norm, 1.0), total)
+    scores = torch.where(torch.isnan(scores), float("-inf"), scores)
+    lse = torch.logsumexp(scores, dim=-1)
+    return scores - lse[:, None], lse
+
+
+def _top_k_mask(scaled: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    vocab_size = scaled.shape[-1]
+    k = torch.where((top_k <= 0) | (top_k >= vocab_size), vocab_size, top_k).to(torch.int64)
+    sorted_desc = torch.sort(scaled, dim=-1, descending=True).values
+    threshold = sorted_desc.gather(1, (k - 1)[:, None])
+    return scaled >= threshold
+
+
+def _top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep x iff the mass of tokens with probability strictly greater than p(x) < top_p."""
+    ascending = torch.sort(probs.double(), dim=-1).values
+    suffix = torch.flip(torch.cumsum(torch.flip(ascending, [-1]), dim=-1), [-1])
+    suffix = torch.cat([suffix, torch.zeros_like(suffix[:, :1])], dim=-1)
+    first_greater = torch.searchsorted(ascending, probs.double(), right=True)
+    mass_greater = suffix.gather(1, first_greater)
+    return (mass_greater < top_p.double()[:, None]) | (top_p[:, None] >= 1.0)
+
+
+def sample(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+           top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+           step: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row; see the module docstring for the exact rule."""
+    log_probs = log_probs.float()
+    greedy = torch.argmax(log_probs, dim=-1)
+    safe_t = torch.where(temperature > 0, temperature, 1.0).float()[:, None]
+    scaled = log_probs / safe_t
+    keep = _top_k_mask(scaled, top_k) & torch.isfinite(scaled)
+    masked = scaled.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(masked, dim=-1)
+    keep &= _top_p_mask(probs, top_p.float())
+    max_prob = probs.max(dim=-1, keepdim=True).values
+    keep &= probs >= min_p.float()[:, None] * max_prob
+    keys = torch.where(keep, scaled + gumbel(seed, step, scaled.shape[-1]), float("-inf"))
+    raced = torch.argmax(keys, dim=-1)
+    return torch.where(temperature > 0, raced, greedy)
