@@ -1,1 +1,14 @@
-"""lmarith: composed decoding over several language models."""
+"""lmarith: composed decoding over several language models.
+
+Formulas over models (model arithmetic), compiled to fused kernels, run by an engine.
+"""
+from .formula import (Constant, Formula, FormulaError, Intersection, Linear, Max, Min, Model,
+                      Term, Union)
+from .formula_ops import Classifier, ClassifierSpec, Indicator, SelfDebias, TopPTopK
+from .plan import Plan, compile_plan
+
+__all__ = [
+    "Classifier", "ClassifierSpec", "Constant", "Formula", "FormulaError", "Indicator",
+    "Intersection", "Linear", "Max", "Min", "Model", "Plan", "SelfDebias", "Term", "TopPTopK",
+    "Union", "compile_plan",
+]

@@ -11,7 +11,7 @@ combine(logits [T, B, V], plan tensors) -> (log_probs [B, V], lse [B])
     scores = value / norm where norm != 0, else value;  log_probs = scores - lse(scores).
     Forbidden tokens: a term with weight != 0 whose log-prob is -inf makes its row-block
     -inf there; a group whose picked side is -inf (with c_g != 0) makes the token -inf.
-    Ties in max/min take the left side's norm.
+    Ties: max keeps the left side's norm, min the right side's (as the paper's code).
 
 sample(log_probs [B, V], temperature, top_k, top_p, min_p, seed, step) -> tokens [B]
     temperature == 0: argmax (lowest index among ties). Otherwise scaled = log_probs / T,
@@ -101,7 +101,7 @@ def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
     for g in range(group_coefs.shape[1]):
         left, right = values[:, 1 + 2 * g, :], values[:, 2 + 2 * g, :]
         is_max = (group_kinds[:, g] > 0)[:, None]
-        left_wins = torch.where(is_max, left >= right, left <= right)
+        left_wins = torch.where(is_max, left >= right, left < right)
         picked = torch.where(left_wins, left, right)
         picked_norm = torch.where(left_wins, norms[:, 1 + 2 * g, None], norms[:, 2 + 2 * g, None])
         coef = group_coefs[:, g, None].float()
