@@ -6,9 +6,14 @@ from .formula import (Constant, Formula, FormulaError, Intersection, Linear, Max
                       Term, Union)
 from .formula_ops import Classifier, ClassifierSpec, Indicator, SelfDebias, TopPTopK
 from .plan import Plan, compile_plan
+from .sampling_params import SamplingParams, SamplingParamsError
+from .block_manager import CacheExhaustedError
+from .engine import PromptError
+from .llm import LLM, RequestOutput, StreamChunk
 
 __all__ = [
     "Classifier", "ClassifierSpec", "Constant", "Formula", "FormulaError", "Indicator",
     "Intersection", "Linear", "Max", "Min", "Model", "Plan", "SelfDebias", "Term", "TopPTopK",
-    "Union", "compile_plan",
+    "Union", "compile_plan", "SamplingParams", "SamplingParamsError", "CacheExhaustedError",
+    "PromptError", "LLM", "RequestOutput", "StreamChunk",
 ]

@@ -30,6 +30,8 @@ def check_same_vocabulary(tokenizers: dict) -> int:
     """All models of a formula must share one vocabulary; returns its size."""
     items = list(tokenizers.items())
     first_model, first_tokenizer = items[0]
+    if len(items) == 1:
+        return len(first_tokenizer)
     first_vocab = first_tokenizer.get_vocab()
     for model, tokenizer in items[1:]:
         if tokenizer.get_vocab() != first_vocab:

@@ -1,0 +1,51 @@
+"""The KV memory budget: one byte arena cut into equal pages that every model shares.
+
+Design ("uniform page bytes"): page_bytes = page_tokens x the largest per-token KV footprint
+among the loaded models; model m stores floor(page_bytes / kv_bytes_per_token(m)) tokens
+per page. One free list and one budget serve all models; a model with a smaller footprint
+wastes page_bytes mod its footprint per page (zero when all models have one shape).
+Each model sees the arena as [num_pages, layers, 2, page_size, kv_heads, head_dim].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models.config import ModelConfig, kv_bytes_per_token
+
+
+@dataclass
+class ModelCacheView:
+    """One model's per-layer (key_cache, value_cache) views of the shared arena."""
+
+    page_size: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class KVCachePool:
+    """The arena and every model's view of it."""
+
+    def __init__(self, kv_cache_bytes: int, configs: dict[str, ModelConfig], page_tokens: int = 16,
+                 device: str = "cpu") -> None:
+        footprints = {key: kv_bytes_per_token(config) for key, config in configs.items()}
+        self.page_bytes = page_tokens * max(footprints.values())
+        self.num_pages = kv_cache_bytes // self.page_bytes
+        if self.num_pages < 1:
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one page "
+                             f"({self.page_bytes} bytes); raise kv_cache_bytes")
+        self.arena = torch.zeros(self.num_pages, self.page_bytes, dtype=torch.uint8, device=device)
+        self.views = {key: self._view(configs[key], footprints[key]) for key in configs}
+
+    def _view(self, config: ModelConfig, footprint: int) -> ModelCacheView:
+        page_size = self.page_bytes // footprint
+        used = page_size * footprint
+        typed = self.arena[:, :used].view(config.dtype)
+        shaped = typed.view(self.num_pages, config.num_layers, 2, page_size,
+                            config.num_kv_heads, config.head_dim)
+        layers = [(shaped[:, layer, 0], shaped[:, layer, 1]) for layer in range(config.num_layers)]
+        return ModelCacheView(page_size, layers)
+
+    def copy_page(self, source: int, target: int) -> None:
+        """Copy-on-write support: duplicate a page's bytes (all models' layouts at once)."""
+        self.arena[target].copy_(self.arena[source])

@@ -1,0 +1,127 @@
+"""GPT-2 on a paged KV cache: learned positions, LayerNorm, fused QKV, GELU MLP."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from lmarith.models.attention import (AttentionMetadata, AttentionPlan, attend, plan_attention,
+                                      store_kv)
+from lmarith.models.config import ModelConfig
+from lmarith.models.layers import WeightFiller, activation
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+# HF GPT-2 stores these as Conv1D weights [in, out]; nn.Linear wants [out, in].
+CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+# Causal-mask buffers that old GPT-2 checkpoints carry as if they were weights.
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+class GPT2Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection and no rotary positions."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.c_attn = nn.Linear(hidden, 3 * hidden)
+        self.c_proj = nn.Linear(hidden, hidden)
+        scale = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
+        self.scale = scale / (layer + 1) if config.scale_attn_by_inverse_layer_idx else scale
+
+    def forward(self, x: torch.Tensor, plan: AttentionPlan, meta: AttentionMetadata,
+                cache: KVCache) -> torch.Tensor:
+        """Attend the new tokens x [N, hidden] over their cached context; writes their K/V."""
+        num_tokens, hidden = x.shape
+        qkv = self.c_attn(x).view(num_tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(1)
+        store_kv(k, v, cache[0], cache[1], meta.slot_pages, meta.slot_offsets)
+        out = attend(q, cache[0], cache[1], plan, self.scale)
+        return self.c_proj(out.reshape(num_tokens, hidden))
+
+
+class GPT2MLP(nn.Module):
+    """c_fc -> activation -> c_proj."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feed-forward block."""
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = GPT2Attention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, x: torch.Tensor, plan: AttentionPlan, meta: AttentionMetadata,
+                cache: KVCache) -> torch.Tensor:
+        """One transformer block over the step's new tokens."""
+        x = x + self.attn(self.ln_1(x), plan, meta, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    """Token and position embeddings, blocks, final LayerNorm (the `transformer.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 causal LM: forward gives final hidden states, compute_logits the scores."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output head when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        """Hidden states [N, hidden] of this step's new tokens; their K/V go into kv_caches."""
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+        plan = plan_attention(meta)
+        for block, cache in zip(self.transformer.h, kv_caches):
+            x = block(x, plan, meta, cache)
+        return self.transformer.ln_f(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary scores [M, vocab] in float32."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill parameters from HF GPT-2 (name, tensor) pairs, transposing Conv1D weights."""
+        filler = WeightFiller(self)
+        for name, tensor in weights:
+            if not name.startswith(("transformer.", "lm_head.")):
+                name = f"transformer.{name}"
+            tied_head = name == "lm_head.weight" and self.config.tie_word_embeddings
+            if name.endswith(MASK_BUFFERS) or tied_head:
+                continue
+            filler.fill(name, tensor.t() if name.endswith(CONV1D) else tensor)
+        filler.finish()
