@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     demo.add_argument("--temperature", type=float, default=0.0)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    demo.add_argument("--backend", default="reference", choices=["reference", "engine"])
+    demo.add_argument("--backend", default="engine", choices=["reference", "engine"])
     args = parser.parse_args(argv)
     return _demo(args)
 

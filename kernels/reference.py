@@ -53,11 +53,16 @@ def row_key(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 def uniform(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Counter-based uniforms u[b, x] in (0, 1), float32, keyed by (seed[b], step[b], x).
 
-    u = ((h >> 8) + 0.5) * 2**-24 with h = mix32(row_key ^ x): exact in float32, never 0 or 1.
+    u = ((h >> 9) + 0.5) * 2**-23 with h = mix32(row_key ^ x): 23 bits + 0.5 fit float32's
+    24-bit mantissa exactly, so u lies in [2**-24, 1 - 2**-24], never 0 or 1.
     """
     tokens = torch.arange(vocab_size, dtype=torch.int64, device=seed.device)
-    hashed = mix32(row_key(seed, step)[:, None] ^ tokens[None, :])
-    return ((hashed >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+    return uniform_from_hash(mix32(row_key(seed, step)[:, None] ^ tokens[None, :]))
+
+
+def uniform_from_hash(hashed: torch.Tensor) -> torch.Tensor:
+    """float32 uniform in (0, 1) from 32-bit hashes held in int64."""
+    return ((hashed >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
 
 
 def gumbel(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -45,9 +45,9 @@ def _row_key(seed, step):
 
 @triton.jit
 def _uniform(key, cols):
-    """u = ((h >> 8) + 0.5) * 2**-24 in float32 with h = mix32(key ^ token): the reference's u."""
+    """u = ((h >> 9) + 0.5) * 2**-23 in float32 with h = mix32(key ^ token): the reference's u."""
     hashed = _mix32(cols.to(tl.uint32) ^ key)
-    return ((hashed >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    return ((hashed >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
 
 
 @triton.jit

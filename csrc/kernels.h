@@ -1,0 +1,119 @@
+// lmarith native CPU kernels: raw-pointer faces of kernels/reference.py (combine, sample).
+// No torch headers: callers pass contiguous buffers; the pybind11 module wraps these.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace lmarith {
+
+// Element type of the stacked logits handed to combine.
+enum class LogitsDtype : int { kFloat32 = 0, kBFloat16 = 1 };
+
+// A compiled formula plan, row-major: weights [B, R, T], consts [B, R],
+// group_coefs [B, G], group_kinds [B, G] (+1 max / Union, -1 min / Intersection).
+struct CombinePlan {
+  const float* weights;
+  const float* consts;
+  const float* group_coefs;
+  const int32_t* group_kinds;
+  int64_t num_blocks;  // R = 1 + 2 * G
+  int64_t num_groups;  // G
+};
+
+// Per-row sampling controls, each an array of length B.
+struct SampleParams {
+  const float* temperature;
+  const int32_t* top_k;
+  const float* top_p;
+  const float* min_p;
+  const int64_t* seed;
+  const int64_t* step;
+};
+
+// log_probs [B, V] and lse [B] from logits [T, B, V] and a plan (reference.combine).
+void combine(const void* logits, LogitsDtype dtype, int64_t num_terms, int64_t batch,
+             int64_t vocab, const CombinePlan& plan, float* log_probs, float* lse);
+
+// One token per row of log_probs [B, V] (reference.sample), written to tokens [B].
+void sample(const float* log_probs, int64_t batch, int64_t vocab, const SampleParams& params,
+            int64_t* tokens);
+
+// True when the library was built with OpenMP (rows run in parallel).
+bool built_with_openmp();
+
+namespace detail {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline uint32_t float_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+inline float bits_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+// True for finite values; false for +-inf and NaN. Branch-free so loops vectorise.
+inline bool is_finite(float value) { return std::fabs(value) < kInf; }
+
+// exp(x) in float32 to ~1 ulp, branch-free so loops over it vectorise (glibc's expf does
+// not without -ffast-math). exp(-inf) = 0, exp(+inf) = inf, NaN propagates, denormal
+// results are produced down to ~2^-150.
+inline float fast_exp(float x) {
+  constexpr float kHigh = 88.72283935546875f;
+  constexpr float kLow = -103.97207641601562f;
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float clamped = x < kLow ? kLow : x;
+  clamped = clamped > kHigh ? kHigh : clamped;
+  const float shifted = clamped * 1.44269504088896341f + kRoundMagic;
+  const float whole = shifted - kRoundMagic;
+  const int32_t exponent = static_cast<int32_t>(float_bits(shifted) - float_bits(kRoundMagic));
+  float r = clamped - whole * 0.693359375f;
+  r = r - whole * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  const int32_t half = exponent >> 1;
+  const float scale_a = bits_float(static_cast<uint32_t>(half + 127) << 23);
+  const float scale_b = bits_float(static_cast<uint32_t>(exponent - half + 127) << 23);
+  float result = poly * scale_a * scale_b;
+  result = x < kLow ? 0.0f : result;
+  result = x > kHigh ? kInf : result;
+  return result;
+}
+
+// exp(x) for x <= 0 (or NaN, which propagates), cheaper than fast_exp: inputs below
+// -87.33 give ~1.2e-38 instead of 0 or a denormal, harmless in sums that hold exp(0) = 1
+// (log-sum-exp after subtracting the max).
+inline float exp_nonpositive(float x) {
+  constexpr float kLow = -87.33f;
+  constexpr float kRoundMagic = 12582912.0f;
+  const float clamped = x < kLow ? kLow : x;
+  const float shifted = clamped * 1.44269504088896341f + kRoundMagic;
+  const float whole = shifted - kRoundMagic;
+  const int32_t exponent = static_cast<int32_t>(float_bits(shifted) - float_bits(kRoundMagic));
+  float r = clamped - whole * 0.693359375f;
+  r = r - whole * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  return poly * bits_float(static_cast<uint32_t>(exponent + 127) << 23);
+}
+
+}  // namespace detail
+}  // namespace lmarith
