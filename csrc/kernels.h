@@ -63,18 +63,13 @@ inline float bits_float(uint32_t bits) {
 // True for finite values; false for +-inf and NaN. Branch-free so loops vectorise.
 inline bool is_finite(float value) { return std::fabs(value) < kInf; }
 
-// exp(x) in float32 to ~1 ulp, branch-free so loops over it vectorise (glibc's expf does
-// not without -ffast-math). exp(-inf) = 0, exp(+inf) = inf, NaN propagates, denormal
-// results are produced down to ~2^-150.
-inline float fast_exp(float x) {
-  constexpr float kHigh = 88.72283935546875f;
-  constexpr float kLow = -103.97207641601562f;
+// Cody-Waite range reduction x = n*ln2 + r and a degree-6 polynomial for exp(r): returns
+// exp(r) and sets exponent to n. x must already be clamped to the float32 exp range.
+inline float exp_reduced(float clamped, int32_t& exponent) {
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float clamped = x < kLow ? kLow : x;
-  clamped = clamped > kHigh ? kHigh : clamped;
   const float shifted = clamped * 1.44269504088896341f + kRoundMagic;
   const float whole = shifted - kRoundMagic;
-  const int32_t exponent = static_cast<int32_t>(float_bits(shifted) - float_bits(kRoundMagic));
+  exponent = static_cast<int32_t>(float_bits(shifted) - float_bits(kRoundMagic));
   float r = clamped - whole * 0.693359375f;
   r = r - whole * -2.12194440e-4f;
   float poly = 1.9875691500e-4f;
@@ -83,7 +78,20 @@ inline float fast_exp(float x) {
   poly = poly * r + 4.1665795894e-2f;
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
-  poly = poly * r * r + r + 1.0f;
+  return poly * r * r + r + 1.0f;
+}
+
+// exp(x) in float32 to ~1 ulp, branch-free so loops over it vectorise (glibc's expf does
+// not without -ffast-math). exp(-inf) = 0, exp(+inf) = inf, NaN propagates, denormal
+// results are produced down to ~2^-150.
+inline float fast_exp(float x) {
+  constexpr float kHigh = 88.72283935546875f;
+  constexpr float kLow = -103.97207641601562f;
+  float clamped = x < kLow ? kLow : x;
+  clamped = clamped > kHigh ? kHigh : clamped;
+  int32_t exponent;
+  const float poly = exp_reduced(clamped, exponent);
+  // Two scale factors so exponents below -126 still give denormals.
   const int32_t half = exponent >> 1;
   const float scale_a = bits_float(static_cast<uint32_t>(half + 127) << 23);
   const float scale_b = bits_float(static_cast<uint32_t>(exponent - half + 127) << 23);
@@ -98,20 +106,9 @@ inline float fast_exp(float x) {
 // (log-sum-exp after subtracting the max).
 inline float exp_nonpositive(float x) {
   constexpr float kLow = -87.33f;
-  constexpr float kRoundMagic = 12582912.0f;
   const float clamped = x < kLow ? kLow : x;
-  const float shifted = clamped * 1.44269504088896341f + kRoundMagic;
-  const float whole = shifted - kRoundMagic;
-  const int32_t exponent = static_cast<int32_t>(float_bits(shifted) - float_bits(kRoundMagic));
-  float r = clamped - whole * 0.693359375f;
-  r = r - whole * -2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * r * r + r + 1.0f;
+  int32_t exponent;
+  const float poly = exp_reduced(clamped, exponent);
   return poly * bits_float(static_cast<uint32_t>(exponent + 127) << 23);
 }
 

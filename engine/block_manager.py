@@ -18,7 +18,7 @@ import itertools
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from lmarith.prefix_cache import Page, PrefixCache, page_hash
+from .prefix_cache import Page, PrefixCache, page_hash
 
 _seq_ids = itertools.count()
 
@@ -106,7 +106,7 @@ class BlockManager:
         return True
 
     def allocate(self, seq: PagedSequence, extra_tokens: int = 0) -> int:
-        """Build seq.block_table for its tokens (+extra_tokens room); return the prefix-cached token count."""
+        """Give seq pages for its tokens plus extra_tokens; return the count of cached tokens."""
         self._require_new(seq)
         hits = self._match_prefix(seq, set())
         total = seq.pages_needed(len(seq.token_ids) + extra_tokens)
@@ -121,7 +121,7 @@ class BlockManager:
         return seq.num_cached_tokens
 
     def ensure_capacity(self, seq: PagedSequence, num_new_tokens: int) -> list[tuple[int, int]]:
-        """Make room for num_new_tokens more tokens; return (src, dst) page copies the caller must do first.
+        """Make room for num_new_tokens more tokens; return (src, dst) page copies to do first.
 
         A page about to be written that other sequences still hold is replaced by a fresh
         copy (copy-on-write); an exclusively held page losing its committed content is un-hashed.
@@ -146,7 +146,7 @@ class BlockManager:
         return copies
 
     def commit(self, seq: PagedSequence, num_verified_tokens: int) -> None:
-        """Hash and register the not-yet-hashed full pages lying wholly inside the first num_verified_tokens."""
+        """Hash and cache the unhashed full pages wholly inside the first num_verified_tokens."""
         self._require_live(seq)
         limit = min(num_verified_tokens, len(seq.token_ids)) // seq.page_size
         for index in range(seq.num_hashed_pages, limit):
@@ -163,7 +163,7 @@ class BlockManager:
         seq.num_hashed_pages = max(seq.num_hashed_pages, limit)
 
     def truncate(self, seq: PagedSequence, num_tokens: int) -> None:
-        """Roll seq back to its first num_tokens tokens, releasing pages past them (and reserved room).
+        """Roll seq back to its first num_tokens tokens, releasing later pages and reserved room.
 
         A committed page that becomes partially used is un-hashed if seq holds it alone; if it
         is shared it keeps its hash (the other holders still see it full) and the next write
@@ -185,7 +185,7 @@ class BlockManager:
                 self.cache.forget(page)
 
     def fork(self, seq: PagedSequence) -> PagedSequence:
-        """New live sequence sharing seq's tokens and the pages holding them (reserved room is not shared)."""
+        """New live sequence sharing seq's tokens and the pages holding them (not reserved room)."""
         self._require_live(seq)
         shared = seq.block_table[:seq.pages_needed(len(seq.token_ids))]
         child = PagedSequence(seq.model_key, seq.page_size, list(seq.token_ids), list(shared),
@@ -206,43 +206,47 @@ class BlockManager:
         del self._live[seq.seq_id]
 
     def preempt(self, seq: PagedSequence) -> None:
-        """Free seq but keep its tokens, so allocate(seq) can later recompute it (hitting the cache)."""
+        """Free seq but keep its tokens, so allocate(seq) can recompute it later from the cache."""
         self.free(seq)
 
     def check_invariants(self) -> None:
-        """Raise AssertionError if ref counts, the free list, the hash table or a block table is inconsistent."""
+        """Raise AssertionError if ref counts, free list, hash table or block tables disagree."""
         refs = Counter(p for seq in self._live.values() for p in seq.block_table)
         for page in self.pages:
-            _check(page.ref_count == refs[page.page_id],
-                   f"page {page.page_id}: ref_count {page.ref_count} but {refs[page.page_id]} references")
+            _check(page.ref_count == refs[page.page_id], f"page {page.page_id}: ref_count "
+                   f"{page.ref_count} but {refs[page.page_id]} block-table references")
             _check((page.ref_count == 0) == (page.page_id in self._free),
                    f"page {page.page_id}: ref_count {page.ref_count} disagrees with free list")
         _check(len(self._free) + sum(p.ref_count > 0 for p in self.pages) == self.num_pages,
                "free + used pages != num_pages")
         for value, page_id in self.cache.entries():
-            _check(self.pages[page_id].hash == value, f"hash table entry for page {page_id} is stale")
+            _check(self.pages[page_id].hash == value, f"stale hash table entry for page {page_id}")
         for seq in self._live.values():
             self._check_sequence(seq)
 
     def _check_sequence(self, seq: PagedSequence) -> None:
         """Check one live sequence's block table against its tokens and hashed pages."""
-        _check(len(set(seq.block_table)) == len(seq.block_table), f"seq {seq.seq_id}: duplicate page")
-        _check(len(seq.block_table) >= seq.pages_needed(len(seq.token_ids)), f"seq {seq.seq_id}: too few pages")
-        _check(seq.num_hashed_pages <= len(seq.token_ids) // seq.page_size, f"seq {seq.seq_id}: hashed past tokens")
+        name = f"seq {seq.seq_id}"
+        _check(len(set(seq.block_table)) == len(seq.block_table), f"{name}: duplicate page")
+        length = len(seq.token_ids)
+        _check(len(seq.block_table) >= seq.pages_needed(length), f"{name}: too few pages")
+        _check(seq.num_hashed_pages <= length // seq.page_size, f"{name}: hashed past end")
         for index in range(seq.num_hashed_pages):
             page = self.pages[seq.block_table[index]]
             _check(page.holds(seq.model_key, seq.page_tokens(index)),
                    f"seq {seq.seq_id}: committed page {page.page_id} lost its content")
 
     def _match_prefix(self, seq: PagedSequence, unusable: set[int]) -> list[int]:
-        """Cached pages holding seq's leading full pages, stopping at the first miss, leaving >= 1 token."""
+        """Cached pages holding seq's leading full pages, up to the first miss, leaving a token."""
         hits: list[int] = []
         parent = None
         for index in range(max(0, len(seq.token_ids) - 1) // seq.page_size):
             tokens = seq.page_tokens(index)
             parent = page_hash(seq.model_key, parent, tokens)
             page_id = self.cache.lookup(parent)
-            if page_id is None or page_id in unusable or not self.pages[page_id].holds(seq.model_key, tokens):
+            if page_id is None or page_id in unusable:
+                break
+            if not self.pages[page_id].holds(seq.model_key, tokens):
                 break
             hits.append(page_id)
         return hits
@@ -263,7 +267,7 @@ class BlockManager:
         return page_id
 
     def _release(self, page_id: int) -> None:
-        """Drop a reference; an unreferenced page goes to the back of the free list, still findable by hash."""
+        """Drop a reference; an unreferenced page joins the back of the free list, still cached."""
         page = self.pages[page_id]
         page.ref_count -= 1
         if page.ref_count == 0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 @dataclass(eq=False)
 class Page:
-    """One page of the shared pool; hash/token_ids/model_key are set while it holds committed content."""
+    """One page of the shared pool; hash, token_ids, model_key are set while it is committed."""
 
     page_id: int
     ref_count: int = 0
@@ -49,7 +49,8 @@ class PrefixCache:
         """Page id registered under this hash, or None."""
         return self._by_hash.get(page_hash_value)
 
-    def register(self, page: Page, page_hash_value: int, model_key: str, tokens: tuple[int, ...]) -> None:
+    def register(self, page: Page, page_hash_value: int, model_key: str,
+                 tokens: tuple[int, ...]) -> None:
         """Mark page as holding these committed tokens and make it the table entry for its hash."""
         page.hash = page_hash_value
         page.token_ids = tokens
@@ -57,7 +58,7 @@ class PrefixCache:
         self._by_hash[page_hash_value] = page.page_id
 
     def forget(self, page: Page) -> None:
-        """Clear page's hash (its content is about to change) and drop its table slot if it owns one."""
+        """Clear page's hash (its content is about to change) and drop its table slot, if any."""
         if page.hash is None:
             return
         if self._by_hash.get(page.hash) == page.page_id:

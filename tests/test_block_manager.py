@@ -10,10 +10,10 @@ from lmarith.block_manager import BlockManager, CacheExhaustedError, PagedSequen
 
 
 def snapshot(manager: BlockManager, seqs: list[PagedSequence] = ()) -> tuple:
-    """Everything observable about the manager (and some sequences), to prove an error changed nothing."""
+    """Everything observable about the manager and some sequences, to prove nothing changed."""
     pages = tuple((p.ref_count, p.hash, p.token_ids, p.model_key) for p in manager.pages)
-    seq_state = tuple((tuple(s.block_table), tuple(s.token_ids), s.num_cached_tokens, s.num_hashed_pages)
-                      for s in seqs)
+    seq_state = tuple((tuple(s.block_table), tuple(s.token_ids), s.num_cached_tokens,
+                       s.num_hashed_pages) for s in seqs)
     return pages, tuple(manager.free_order()), tuple(sorted(manager.cache.entries())), seq_state
 
 
@@ -120,7 +120,8 @@ def test_exhaustion_raises_and_leaves_state_intact() -> None:
     seq = new_seq(manager, list(range(6)))
     big = PagedSequence("m", 4, list(range(100, 120)))
     before = snapshot(manager, [seq, big])
-    with pytest.raises(CacheExhaustedError, match="need 5 free pages but only 2 of 4.*kv_cache_bytes.*max_num_seqs"):
+    message = "need 5 free pages but only 2 of 4.*kv_cache_bytes.*max_num_seqs"
+    with pytest.raises(CacheExhaustedError, match=message):
         manager.allocate(big)
     with pytest.raises(CacheExhaustedError):
         manager.ensure_capacity(seq, 11)
@@ -264,13 +265,15 @@ def test_misuse_raises_value_error() -> None:
 
 
 MODELS = {"a": 2, "b": 3}
-POOL_PAGES = 10
-tokens_strategy = st.lists(st.integers(0, 1), min_size=1, max_size=8)
-pick = st.integers(0, 10**6)
+POOL_PAGES = 16
+PREFIXES = ([0, 1, 0, 1, 0, 1, 0, 1], [1, 1, 0, 0, 1, 1, 0, 0])
+tokens_strategy = st.builds(lambda prefix, cut, tail: PREFIXES[prefix][:cut] + tail,
+                            st.integers(0, 1), st.integers(0, 8),
+                            st.lists(st.integers(0, 3), max_size=4)).filter(bool)
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random traffic over two models with different page sizes; a shadow KV store checks page contents.
+    """Random traffic over two models with different page sizes, checked against a shadow KV store.
 
     Each written slot stores (model_key, all tokens up to that position): what real KV depends
     on. Every live sequence must read back its own history from its pages, which catches
@@ -305,9 +308,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.verified[seq.seq_id] = cached
         return True
 
-    @rule(batch=st.lists(st.tuples(st.sampled_from(sorted(MODELS)), tokens_strategy), min_size=1, max_size=3),
-          extra=st.integers(0, 2))
-    def admit(self, batch: list[tuple[str, list[int]]], extra: int) -> None:
+    @rule(batch=st.lists(st.tuples(st.sampled_from(sorted(MODELS)), tokens_strategy),
+                         min_size=1, max_size=3),
+          extra=st.integers(0, 2), prefill=st.booleans())
+    def admit(self, batch: list[tuple[str, list[int]]], extra: int, prefill: bool) -> None:
         seqs = [PagedSequence(key, MODELS[key], tokens) for key, tokens in batch]
         expected = self.manager.can_allocate(seqs, extra)
         admitted = []
@@ -316,14 +320,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 break
             admitted.append(seq)
         assert expected == (len(admitted) == len(seqs))
-        if not expected:
-            for seq in admitted:
+        for seq in admitted:
+            if not expected:
                 self.drop(seq)
+            elif prefill:
+                self.manager.commit(seq, len(seq.token_ids))
+                self.verified[seq.seq_id] = len(seq.token_ids)
 
     @precondition(lambda self: self.live)
-    @rule(index=pick, tokens=st.lists(st.integers(0, 1), min_size=1, max_size=4), reserve=st.integers(0, 2))
-    def append_tokens(self, index: int, tokens: list[int], reserve: int) -> None:
-        seq = self.live[index % len(self.live)]
+    @rule(data=st.data(), tokens=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+          reserve=st.integers(0, 2))
+    def append_tokens(self, data: st.DataObject, tokens: list[int], reserve: int) -> None:
+        seq = data.draw(st.sampled_from(self.live))
         before = snapshot(self.manager, self.live)
         try:
             copies = self.manager.ensure_capacity(seq, len(tokens) + reserve)
@@ -338,46 +346,47 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.write(seq, start)
 
     @precondition(lambda self: self.live)
-    @rule(index=pick, fraction=st.floats(0, 1))
-    def commit(self, index: int, fraction: float) -> None:
-        seq = self.live[index % len(self.live)]
+    @rule(data=st.data(), fraction=st.floats(0, 1))
+    def commit(self, data: st.DataObject, fraction: float) -> None:
+        seq = data.draw(st.sampled_from(self.live))
         low = self.verified[seq.seq_id]
         num = low + round(fraction * (len(seq.token_ids) - low))
         self.manager.commit(seq, num)
         self.verified[seq.seq_id] = num
 
     @precondition(lambda self: self.live)
-    @rule(index=pick, fraction=st.floats(0, 1))
-    def truncate(self, index: int, fraction: float) -> None:
-        seq = self.live[index % len(self.live)]
+    @rule(data=st.data(), fraction=st.floats(0, 1))
+    def truncate(self, data: st.DataObject, fraction: float) -> None:
+        seq = data.draw(st.sampled_from(self.live))
         num = round(fraction * len(seq.token_ids))
         self.manager.truncate(seq, num)
         self.verified[seq.seq_id] = min(self.verified[seq.seq_id], num)
 
     @precondition(lambda self: self.live)
-    @rule(index=pick)
-    def fork(self, index: int) -> None:
-        parent = self.live[index % len(self.live)]
+    @rule(data=st.data())
+    def fork(self, data: st.DataObject) -> None:
+        parent = data.draw(st.sampled_from(self.live))
         child = self.manager.fork(parent)
         self.live.append(child)
         self.verified[child.seq_id] = self.verified[parent.seq_id]
 
     @precondition(lambda self: self.live)
-    @rule(index=pick)
-    def free(self, index: int) -> None:
-        self.drop(self.live[index % len(self.live)])
+    @rule(data=st.data())
+    def free(self, data: st.DataObject) -> None:
+        self.drop(data.draw(st.sampled_from(self.live)))
 
     @precondition(lambda self: self.live)
-    @rule(index=pick)
-    def preempt(self, index: int) -> None:
-        seq = self.live.pop(index % len(self.live))
+    @rule(data=st.data())
+    def preempt(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(self.live))
+        self.live.remove(seq)
         self.manager.preempt(seq)
         self.waiting.append(seq)
 
     @precondition(lambda self: self.waiting)
-    @rule(index=pick)
-    def resume(self, index: int) -> None:
-        seq = self.waiting[index % len(self.waiting)]
+    @rule(data=st.data())
+    def resume(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(self.waiting))
         expected = self.manager.can_allocate([seq])
         assert expected == self.try_allocate(seq, 0)
         if expected:
@@ -400,13 +409,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.check_cached_page(self.manager.pages[page_id])
 
     def check_cached_page(self, page) -> None:
-        """A page findable in the prefix cache must hold the KV of exactly its recorded full page."""
+        """A page findable in the prefix cache must hold exactly the KV of its recorded page."""
         size = len(page.token_ids)
         key, history = self.kv[page.page_id][size - 1]
         assert key == page.model_key and len(history) % size == 0
         assert history[-size:] == page.token_ids
         for offset in range(size):
-            assert self.kv[page.page_id][offset] == (key, history[:len(history) - size + offset + 1])
+            start = len(history) - size
+            assert self.kv[page.page_id][offset] == (key, history[:start + offset + 1])
 
     def teardown(self) -> None:
         for seq in list(self.live):
@@ -416,5 +426,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert all(page.ref_count == 0 for page in self.manager.pages)
 
 
-BlockManagerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+BlockManagerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+                                                 deadline=None)
 TestBlockManagerMachine = BlockManagerMachine.TestCase

@@ -5,7 +5,6 @@ causal range, or any write outside the given slots, shows up as NaN or a changed
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from lmarith.kernels.paged_attention import paged_attention
+from lmarith.models import attention as cpu_attention
 from lmarith.kernels.store_kv import store_kv
 
 PAGE_SIZE = 4
@@ -21,20 +21,6 @@ CONTEXT_LENS = (1, 5, 13)
 QUERY_LENS = (1, 1, 3)
 SPARE_PAGES = 3
 PAGE_GAP = 8
-
-
-@dataclass
-class Metadata:
-    """Stand-in with AttentionMetadata's attributes (the kernels accept any such object)."""
-
-    query_start: torch.Tensor
-    context_lens: torch.Tensor
-    block_tables: torch.Tensor
-    slot_pages: torch.Tensor
-    slot_offsets: torch.Tensor
-    page_size: int
-    max_query_len: int
-    max_context_len: int
 
 
 @dataclass
@@ -47,18 +33,7 @@ class Batch:
     query: torch.Tensor
     new_keys: torch.Tensor
     new_values: torch.Tensor
-    meta: Metadata
-
-
-def cpu_attention_module():
-    """lmarith.models.attention when it exists and exposes both ops, else None."""
-    try:
-        module = importlib.import_module("lmarith.models.attention")
-    except ImportError:
-        return None
-    if hasattr(module, "paged_attention") and hasattr(module, "store_kv"):
-        return module
-    return None
+    meta: cpu_attention.AttentionMetadata
 
 
 def arena_caches(num_pages: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
@@ -99,10 +74,8 @@ def new_token_positions(seq: int) -> torch.Tensor:
 
 
 def make_meta(**fields) -> object:
-    """The engine's AttentionMetadata when it exists, else the local stand-in."""
-    module = cpu_attention_module()
-    cls = getattr(module, "AttentionMetadata", Metadata) if module else Metadata
-    return cls(**fields)
+    """The engine's AttentionMetadata."""
+    return cpu_attention.AttentionMetadata(**fields)
 
 
 def make_batch(ratio: int, head_dim: int, dtype: torch.dtype, seed: int = 0) -> Batch:
@@ -254,9 +227,7 @@ def test_paged_attention_no_tokens() -> None:
 @pytest.mark.parametrize("ratio", [1, 3])
 def test_matches_cpu_attention(ratio: int, dtype: torch.dtype, window: int | None) -> None:
     """The Triton ops agree with lmarith.models.attention's torch path."""
-    module = cpu_attention_module()
-    if module is None:
-        pytest.skip("lmarith.models.attention.paged_attention/store_kv not available yet")
+    module = cpu_attention
     batch = make_batch(ratio, 16, dtype, seed=3)
     cpu_batch = make_batch(ratio, 16, dtype, seed=3)
     store_new_tokens(batch)
