@@ -11,6 +11,7 @@ from .formula import Model
 from .kv_cache import ModelCacheView
 from .models.attention import build_metadata
 from .models.loader import load_model
+from .models.packed_linear import pack_linears
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ModelRunner:
         self.spec = spec
         self.device = device
         self.model = load_model(spec.path, getattr(torch, spec.dtype), device)
+        self.num_packed_linears = pack_linears(self.model) if device == "cpu" else 0
         self.config = self.model.config
         self.tokenizer = load_tokenizer(spec.path)
         self.vocab_size = len(self.tokenizer)
