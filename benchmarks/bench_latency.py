@@ -92,8 +92,7 @@ def main() -> None:
     llm.engine.prepare_models([model])
     hf_model = AutoModelForCausalLM.from_pretrained(model.path).eval()
     tokenizer = AutoTokenizer.from_pretrained(model.path)
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runners[
-        next(iter(llm.engine.runners))].model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())
     bandwidth = memcpy_bandwidth()
     print(f"threads={torch.get_num_threads()} tokens={args.tokens} repeats={args.repeats} "
           f"weights={weight_bytes / 1e6:.0f} MB memcpy={bandwidth / 1e9:.1f} GB/s")

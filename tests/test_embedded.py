@@ -43,3 +43,17 @@ def test_engine_greedy_matches_transformers_on_smollm2(smollm2):
                                          pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
         assert output.token_ids == expected.tolist(), prompt
     assert "Paris" in outputs[0].text
+
+
+def test_chat_term_uses_the_chat_template(smollm2):
+    from lmarith.model_runner import load_tokenizer
+    from lmarith.tokenization import term_context_ids
+    tokenizer = load_tokenizer(smollm2.path)
+    term = smollm2.chat(system="You are a pirate.")
+    ids = term_context_ids(term, tokenizer, "Hello!")
+    text = tokenizer.decode(ids)
+    assert "You are a pirate." in text and "Hello!" in text
+    assert text.rstrip().endswith("assistant")
+    llm = la.LLM(kv_cache_bytes=16 << 20)
+    output = llm.generate(["Hello!"], term + 0.5 * smollm2.chat(), la.SamplingParams(temperature=0, max_tokens=8))[0]
+    assert output.token_ids and output.finish_reason in ("stop", "length")

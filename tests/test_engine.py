@@ -167,3 +167,15 @@ def test_two_models_share_one_pool(llama_dir, tmp_path):
     assert len(llm.engine.runners) == 2
     page_sizes = {view.page_size for view in llm.engine.pool.views.values()}
     assert page_sizes == {4, 8}, "the smaller KV footprint stores more tokens per page"
+
+
+def test_chunked_prefill_gives_the_same_tokens(llama_dir):
+    """A tiny token budget forces every prompt through several prefill chunks."""
+    formula = _formulas(llama_dir)["union"]
+    prompts = [PROMPTS[3] * 3, PROMPTS[1]]
+    params = la.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    whole = la.LLM(kv_cache_bytes=1 << 20).generate(prompts, formula, params)
+    chunked_llm = la.LLM(kv_cache_bytes=1 << 20, max_num_batched_tokens=7)
+    chunked = chunked_llm.generate(prompts, formula, params)
+    assert [o.token_ids for o in chunked] == [o.token_ids for o in whole]
+    assert chunked_llm.engine.block_manager.num_free_pages == chunked_llm.engine.pool.num_pages
