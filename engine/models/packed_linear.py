@@ -1,9 +1,8 @@
 """Linear layers with weights pre-packed for oneDNN on CPU.
 
-torch's default CPU linear picks slow MKL kernels for the skinny batches of decoding
-(a few to a few dozen rows); oneDNN with a weight packed once at load runs the same
-products 1.5-2.7x faster at 4-48 rows on this project's 2-core machines
-(benchmarks/bench_latency.py measures the end-to-end effect)."""
+torch's default CPU linear picks slow kernels for the skinny batches of decoding (a few to
+a few dozen rows); oneDNN with a weight packed once at load runs the same products faster
+(benchmarks/bench_latency.py measures the end-to-end decode speed)."""
 from __future__ import annotations
 
 import torch
