@@ -2,9 +2,9 @@
 
 Formulas over models (model arithmetic), compiled to fused kernels, run by an engine.
 """
-from .formula import (Constant, Formula, FormulaError, Intersection, Linear, Max, Min, Model,
-                      Term, Union)
-from .formula_ops import Classifier, ClassifierSpec, Indicator, SelfDebias, TopPTopK
+from .formula import Constant, Formula, FormulaError, Linear, Model, Term
+from .formula_ops import (Classifier, ClassifierSpec, Indicator, Intersection, Max, Min,
+                          SelfDebias, TopPTopK, Union)
 from .plan import Plan, compile_plan
 from .sampling_params import SamplingParams, SamplingParamsError
 from .block_manager import CacheExhaustedError

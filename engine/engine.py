@@ -77,6 +77,9 @@ class LLMEngine:
             raise FormulaError("Classifier formulas run in lmarith.reference.generate only for now")
         if not isinstance(prompt, str) or not prompt:
             raise PromptError("the prompt is empty; give at least one character of text")
+        if len(formula.terms) > self.max_num_batched_tokens:
+            raise ValueError(f"the formula has {len(formula.terms)} terms but max_num_batched_tokens is "
+                             f"{self.max_num_batched_tokens}; raise it to at least the number of terms")
         self.prepare_models([formula])
         runners = {t.model: self.runners[model_key(t.model)] for t in formula.terms}
         models = tuple(sorted(runners, key=model_key))

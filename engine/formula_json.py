@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .formula import Constant, Formula, FormulaError, Intersection, Linear, Model, Term, Union
-from .formula_ops import Classifier, ClassifierSpec, Indicator, SelfDebias, TopPTopK
+from .formula import Constant, Formula, FormulaError, Linear, Model, Term
+from .formula_ops import (Classifier, ClassifierSpec, Indicator, Intersection, SelfDebias, TopPTopK,
+                          Union)
 
 
 def _encode(node: Formula) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Formula nodes beyond linear arithmetic and Union/Intersection: filtering, self-debiasing,
+"""Formula nodes beyond linear arithmetic: Union/Intersection, filtering, self-debiasing,
 indicators and classifier guidance. Each evaluates to an unnormalised (value, norm) pair;
 see formula.py for the conventions."""
 from __future__ import annotations
@@ -8,6 +8,67 @@ from dataclasses import dataclass
 import torch
 
 from .formula import EvalContext, Formula, FormulaError, NEG_INF, as_formula, normalise
+
+
+@dataclass(frozen=True)
+class Union(Formula):
+    """max(a, b) per token, norm of the winner: tokens likely under either side."""
+
+    left: Formula
+    right: Formula
+
+    def __init__(self, left, right, *more) -> None:
+        if more:
+            left, right = Union(left, right), Union(*more) if len(more) > 1 else as_formula(more[0])
+        object.__setattr__(self, "left", as_formula(left))
+        object.__setattr__(self, "right", as_formula(right))
+
+    def children(self) -> tuple[Formula, ...]:
+        return self.left, self.right
+
+    def left_wins(self, left_value, right_value):
+        return left_value >= right_value
+
+    def evaluate(self, ctx: EvalContext):
+        left_value, left_norm = self.left.evaluate(ctx)
+        right_value, right_norm = self.right.evaluate(ctx)
+        left_value, right_value = _broadcast(left_value, right_value)
+        wins = self.left_wins(left_value, right_value)
+        value = torch.where(wins, left_value, right_value)
+        return value, torch.where(wins, torch.as_tensor(left_norm), torch.as_tensor(right_norm)).float()
+
+    def norm_bounds(self) -> tuple[float, float]:
+        (a_low, a_high), (b_low, b_high) = self.left.norm_bounds(), self.right.norm_bounds()
+        return min(a_low, b_low), max(a_high, b_high)
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({self.left}, {self.right})"
+
+
+class Intersection(Union):
+    """min(a, b) per token, norm of the winner: tokens likely under both sides."""
+
+    def __init__(self, left, right, *more) -> None:
+        if more:
+            left, right = Intersection(left, right), Intersection(*more) if len(more) > 1 else more[0]
+        object.__setattr__(self, "left", as_formula(left))
+        object.__setattr__(self, "right", as_formula(right))
+
+    def left_wins(self, left_value, right_value):
+        return left_value < right_value
+
+
+Max = Union
+Min = Intersection
+
+
+def _broadcast(left, right):
+    """Make two values tensors of one shape (a Constant side is a float)."""
+    if not torch.is_tensor(left) and not torch.is_tensor(right):
+        raise FormulaError("Union/Intersection of two constants has no distribution")
+    like = left if torch.is_tensor(left) else right
+    return torch.as_tensor(left, dtype=like.dtype).expand_as(like), \
+        torch.as_tensor(right, dtype=like.dtype).expand_as(like)
 
 
 def _filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

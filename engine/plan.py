@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .formula import Constant, Formula, Intersection, Linear, Model, Term, Union
+from .formula import Constant, Formula, Linear, Model, Term
+from .formula_ops import Intersection, Union
 
 
 @dataclass(frozen=True)
