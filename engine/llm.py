@@ -74,19 +74,23 @@ class LLM:
 
     def stream(self, prompt: str, formula: Formula,
                params: Optional[SamplingParams] = None) -> Iterator[StreamChunk]:
-        """Yield text as it is generated; the last chunk carries the finish reason."""
+        """Yield text as it is generated; the last chunk carries the finish reason.
+
+        Text that could be the start of a stop string is held back until it is not."""
         request = self.engine.add_request(str(next(self._ids)), prompt, formula,
                                           params or SamplingParams())
-        sent_text, sent_tokens = "", 0
+        held_back = max((len(stop) - 1 for stop in request.params.stop), default=0)
+        sent_chars, sent_tokens = 0, 0
         try:
             while not request.is_finished:
                 self.engine.step()
-                text = request.text
-                if text.endswith("\ufffd") and not request.is_finished:
+                done = request.is_finished
+                if request.text.endswith("\ufffd") and not done:
                     continue
-                if len(request.output_ids) > sent_tokens or request.is_finished:
-                    yield StreamChunk(text[len(sent_text):], request.output_ids[sent_tokens:],
+                ready = len(request.text) if done else max(sent_chars, len(request.text) - held_back)
+                if len(request.output_ids) > sent_tokens or done:
+                    yield StreamChunk(request.text[sent_chars:ready], request.output_ids[sent_tokens:],
                                       request.finish_reason)
-                    sent_text, sent_tokens = text, len(request.output_ids)
+                    sent_chars, sent_tokens = ready, len(request.output_ids)
         finally:
             self.engine.abort(request)

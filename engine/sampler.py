@@ -17,9 +17,9 @@ def _log_probs(requests: list[Request], logits: dict) -> torch.Tensor:
         torch.stack([logits[r.sequences[slot]] if slot < len(r.sequences) else filler for r in requests])
         for slot in range(num_terms)])
     planned = [row for row, r in enumerate(requests) if r.plan is not None]
-    result = torch.empty(len(requests), stacked.shape[-1], dtype=torch.float32)
+    result = torch.empty(len(requests), stacked.shape[-1], dtype=torch.float32, device=stacked.device)
     if planned:
-        plans = stack_plans([requests[row].plan for row in planned])
+        plans = stack_plans([requests[row].plan for row in planned], device=stacked.device)
         result[planned] = combine(stacked[:, planned].contiguous(), *plans)[0]
     for row, request in enumerate(requests):
         if request.plan is None:
@@ -28,14 +28,13 @@ def _log_probs(requests: list[Request], logits: dict) -> torch.Tensor:
     return result
 
 
-def _sampling_tensors(requests: list[Request]):
+def _sampling_tensors(requests: list[Request], device: torch.device):
+    """Per-row sampling parameters as tensors on the logits' device."""
     params = [r.params for r in requests]
-    return (torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            torch.tensor([p.top_k for p in params], dtype=torch.int32),
-            torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            torch.tensor([p.min_p for p in params], dtype=torch.float32),
-            torch.tensor([r.seed for r in requests], dtype=torch.int64),
-            torch.tensor([len(r.output_ids) for r in requests], dtype=torch.int64))
+    columns = ((torch.float32, [p.temperature for p in params]), (torch.int32, [p.top_k for p in params]),
+               (torch.float32, [p.top_p for p in params]), (torch.float32, [p.min_p for p in params]),
+               (torch.int64, [r.seed for r in requests]), (torch.int64, [len(r.output_ids) for r in requests]))
+    return tuple(torch.tensor(values, dtype=dtype, device=device) for dtype, values in columns)
 
 
 def combine_and_sample(requests: list[Request], logits: dict) -> list[int]:
@@ -46,7 +45,8 @@ def combine_and_sample(requests: list[Request], logits: dict) -> list[int]:
     tokens = [0] * len(requests)
     for indices in groups.values():
         members = [requests[i] for i in indices]
-        drawn = sample(_log_probs(members, logits), *_sampling_tensors(members))
+        log_probs = _log_probs(members, logits)
+        drawn = sample(log_probs, *_sampling_tensors(members, log_probs.device))
         for index, token in zip(indices, drawn.tolist()):
             tokens[index] = token
     return tokens

@@ -125,6 +125,9 @@ def test_stop_strings_eos_and_stream(llama_dir, llm):
         stopped = llm.generate([PROMPTS[0]], model, la.SamplingParams(
             temperature=0, max_tokens=12, stop=[stop_text], ignore_eos=True))[0]
         assert stopped.finish_reason == "stop" and stop_text not in stopped.text
+        streamed = list(llm.stream(PROMPTS[0], model, la.SamplingParams(
+            temperature=0, max_tokens=12, stop=[stop_text], ignore_eos=True)))
+        assert "".join(c.text for c in streamed) == stopped.text
     eos = full.token_ids[2]
     tokenizer_eos = la.SamplingParams(temperature=0, max_tokens=12)
     request = llm.engine._build_request("eos", PROMPTS[0], model, tokenizer_eos)
