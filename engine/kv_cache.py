@@ -15,6 +15,25 @@ import torch
 from .models.config import ModelConfig, kv_bytes_per_token
 
 
+def free_memory_bytes(device: str = "cpu") -> int:
+    """Memory available now on the device: free GPU memory, or available RAM on the CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    import os
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_budget(kv_cache_bytes: int | None, kv_cache_fraction: float, device: str = "cpu") -> int:
+    """The KV budget: an explicit byte count, or a fraction of the memory free now."""
+    if kv_cache_bytes is not None:
+        if kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {kv_cache_bytes}")
+        return int(kv_cache_bytes)
+    if not 0 < kv_cache_fraction <= 0.9:
+        raise ValueError(f"kv_cache_fraction must be in (0, 0.9], got {kv_cache_fraction}")
+    return int(free_memory_bytes(device) * kv_cache_fraction)
+
+
 @dataclass
 class ModelCacheView:
     """One model's per-layer (key_cache, value_cache) views of the shared arena."""

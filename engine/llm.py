@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
 from .engine import LLMEngine
+from .kv_cache import kv_budget
 from .formula import Formula
 from .request import Request
 from .sampling_params import SamplingParams
@@ -40,15 +41,18 @@ def _output(request: Request) -> RequestOutput:
 class LLM:
     """Serves formulas over several models with one shared paged KV cache.
 
-    kv_cache_bytes: the KV budget shared by every model; max_num_seqs: running requests at
+    kv_cache_bytes: the KV budget shared by every model (None: kv_cache_fraction of the memory
+    free when the LLM is made); max_num_seqs: running requests at
     once; max_num_batched_tokens: tokens computed per step (longer prompts are chunked).
     """
 
-    def __init__(self, kv_cache_bytes: int = 1 << 30, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, page_tokens: int = 16, device: str = "cpu") -> None:
+    def __init__(self, kv_cache_bytes: Optional[int] = 1 << 30, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, page_tokens: int = 16, device: str = "cpu",
+                 kv_cache_fraction: float = 0.2) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or page_tokens < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and page_tokens must be >= 1")
-        self.engine = LLMEngine(kv_cache_bytes, max_num_seqs, max_num_batched_tokens, page_tokens, device)
+        budget = kv_budget(kv_cache_bytes, kv_cache_fraction, device)
+        self.engine = LLMEngine(budget, max_num_seqs, max_num_batched_tokens, page_tokens, device)
         self._ids = itertools.count()
 
     def generate(self, prompts: Union[str, Sequence[str]], formula: Union[Formula, Sequence[Formula]],

@@ -182,3 +182,11 @@ def test_chunked_prefill_gives_the_same_tokens(llama_dir):
     chunked = chunked_llm.generate(prompts, formula, params)
     assert [o.token_ids for o in chunked] == [o.token_ids for o in whole]
     assert chunked_llm.engine.block_manager.num_free_pages == chunked_llm.engine.pool.num_pages
+
+
+def test_kv_budget_from_a_fraction_of_free_memory(llama_dir):
+    llm = la.LLM(kv_cache_bytes=None, kv_cache_fraction=0.01)
+    assert 0 < llm.engine.kv_cache_bytes
+    assert llm.generate([PROMPTS[0]], la.Model(str(llama_dir)), GREEDY)[0].token_ids
+    with pytest.raises(ValueError, match="kv_cache_fraction"):
+        la.LLM(kv_cache_bytes=None, kv_cache_fraction=2.0)
