@@ -9,7 +9,7 @@ from torch import nn
 from lmarith.models.attention import (AttentionMetadata, AttentionPlan, attend, plan_attention,
                                       store_kv)
 from lmarith.models.config import ModelConfig
-from lmarith.models.layers import WeightFiller, activation
+from lmarith.models.layers import CausalLMHead, WeightFiller, activation
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -84,7 +84,7 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLMHead):
     """GPT-2 causal LM: forward gives final hidden states, compute_logits the scores."""
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
@@ -94,10 +94,8 @@ class GPT2LMHeadModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
-    def tie_weights(self) -> None:
-        """Share the input embedding with the output head when the config says so."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
+    def input_embedding(self) -> nn.Embedding:
+        return self.transformer.wte
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -108,11 +106,6 @@ class GPT2LMHeadModel(nn.Module):
         for block, cache in zip(self.transformer.h, kv_caches):
             x = block(x, plan, meta, cache)
         return self.transformer.ln_f(x)
-
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary scores [M, vocab] in float32."""
-        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from HF GPT-2 (name, tensor) pairs, transposing Conv1D weights."""

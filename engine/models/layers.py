@@ -131,3 +131,24 @@ class WeightFiller:
                    if self.rows_filled[name] < (param.shape[0] if param.dim() else 1)]
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(missing)}")
+
+
+class CausalLMHead(nn.Module):
+    """What every decoder LM here shares: an output head over the vocabulary, tied to the
+    input embedding when the config says so, giving float32 logits."""
+
+    config: ModelConfig
+    lm_head: nn.Module
+
+    def input_embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output head when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.input_embedding().weight
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary scores [M, vocab] in float32."""
+        return self.lm_head(hidden).float()

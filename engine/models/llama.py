@@ -13,7 +13,8 @@ from torch import nn
 from lmarith.models.attention import (AttentionMetadata, AttentionPlan, attend, plan_attention,
                                       store_kv)
 from lmarith.models.config import ModelConfig
-from lmarith.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, WeightFiller, apply_rotary
+from lmarith.models.layers import (CausalLMHead, GatedMLP, RMSNorm, RotaryEmbedding, WeightFiller,
+                                   apply_rotary)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -85,7 +86,7 @@ PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLMHead):
     """Llama-family causal LM: forward gives final hidden states, compute_logits the scores."""
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
@@ -97,10 +98,8 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config, device)
         self.windows = {config.sliding_window(i) for i in range(config.num_layers)}
 
-    def tie_weights(self) -> None:
-        """Share the input embedding with the output head when the config says so."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+    def input_embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -112,11 +111,6 @@ class LlamaForCausalLM(nn.Module):
         for layer, cache in zip(self.model.layers, kv_caches):
             x = layer(x, rope, plans, meta, cache)
         return self.model.norm(x)
-
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary scores [M, vocab] in float32."""
-        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from (Hugging Face name, tensor) pairs, fusing q/k/v and gate/up."""
