@@ -82,15 +82,23 @@ RowScratch& thread_scratch(int64_t vocab) {
   return scratch;
 }
 
-// torch.argmax: the first maximal value, where NaN counts as the maximum.
-int64_t argmax_first(const float* values, int64_t count) {
+// The largest non-NaN value of values[0, count) (-inf if none); any_nan says whether NaN occurs.
+float max_ignoring_nan(const float* values, int64_t count, int& any_nan) {
   float best = -kInf;
-  int any_nan = 0;
-#pragma omp simd reduction(max : best) reduction(| : any_nan)
+  int nan_seen = 0;
+#pragma omp simd reduction(max : best) reduction(| : nan_seen)
   for (int64_t i = 0; i < count; ++i) {
     best = values[i] > best ? values[i] : best;
-    any_nan |= values[i] != values[i];
+    nan_seen |= values[i] != values[i];
   }
+  any_nan = nan_seen;
+  return best;
+}
+
+// torch.argmax: the first maximal value, where NaN counts as the maximum.
+int64_t argmax_first(const float* values, int64_t count) {
+  int any_nan = 0;
+  const float best = max_ignoring_nan(values, count, any_nan);
   for (int64_t i = 0; i < count; ++i)
     if (any_nan ? values[i] != values[i] : values[i] == best) return i;
   return 0;
@@ -133,13 +141,8 @@ size_t gather_at_least(const float* values, int64_t count, float threshold, floa
 // holding them and nth_element runs on that; otherwise on a copy of the whole row, where
 // NaN stands in as +inf (torch.sort puts NaN first).
 float top_k_threshold(const float* scaled, int64_t vocab, int64_t k, RowScratch& scratch) {
-  float row_max = -kInf;
   int any_nan = 0;
-#pragma omp simd reduction(max : row_max) reduction(| : any_nan)
-  for (int64_t i = 0; i < vocab; ++i) {
-    row_max = scaled[i] > row_max ? scaled[i] : row_max;
-    any_nan |= scaled[i] != scaled[i];
-  }
+  const float row_max = max_ignoring_nan(scaled, vocab, any_nan);
   float* work = scratch.candidates.data();
   int64_t count = vocab;
   if (!any_nan && is_finite(row_max)) {

@@ -15,6 +15,7 @@ from .kv_cache import KVCachePool
 from .model_runner import ForwardItem, ModelRunner
 from .plan import compile_plan, stack_plans
 from .request import Request, TermSequence
+from .sampler import combine_and_sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .tokenization import check_same_vocabulary, eos_token_ids, term_context_ids
@@ -65,12 +66,13 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str, formula: Formula,
                     params: SamplingParams) -> Request:
         """Validate everything a user can get wrong, then queue the request."""
-        request = self._build_request(request_id, prompt, formula, params)
+        request = self.build_request(request_id, prompt, formula, params)
         self.scheduler.add(request)
         return request
 
-    def _build_request(self, request_id: str, prompt: str, formula: Formula,
+    def build_request(self, request_id: str, prompt: str, formula: Formula,
                        params: SamplingParams) -> Request:
+        """A validated Request, not yet queued: callers can check a whole batch before queueing any."""
         params.validate()
         formula.validate()
         if any(isinstance(node, Classifier) for node in formula.nodes()):
@@ -127,7 +129,7 @@ class LLMEngine:
                 seq.num_computed += count
                 self.block_manager.commit(seq.paged, seq.num_computed)
         if batch.sampling:
-            tokens = self._sample(batch.sampling, logits)
+            tokens = combine_and_sample(batch.sampling, logits)
             for request, token in zip(batch.sampling, tokens):
                 self._append(request, token)
         return batch.sampling
@@ -147,10 +149,6 @@ class LLMEngine:
             wanting = [seq for seq, item in pairs if item.num_logits]
             logits.update(zip(wanting, rows))
         return logits
-
-    def _sample(self, requests: list[Request], logits) -> list[int]:
-        from .sampler import combine_and_sample
-        return combine_and_sample(requests, logits)
 
     def _append(self, request: Request, token: int) -> None:
         """Every term appends the sampled token; check EOS, stop strings and max_tokens."""

@@ -64,7 +64,7 @@ class LLM:
             raise ValueError(f"got {len(prompts)} prompts but {len(formulas)} formulas")
         params = params or SamplingParams()
         self.engine.prepare_models(formulas)
-        requests = [self.engine._build_request(str(next(self._ids)), p, f, params)
+        requests = [self.engine.build_request(str(next(self._ids)), p, f, params)
                     for p, f in zip(prompts, formulas)]
         for request in requests:
             self.engine.scheduler.add(request)

@@ -130,7 +130,7 @@ def test_stop_strings_eos_and_stream(llama_dir, llm):
         assert "".join(c.text for c in streamed) == stopped.text
     eos = full.token_ids[2]
     tokenizer_eos = la.SamplingParams(temperature=0, max_tokens=12)
-    request = llm.engine._build_request("eos", PROMPTS[0], model, tokenizer_eos)
+    request = llm.engine.build_request("eos", PROMPTS[0], model, tokenizer_eos)
     request.eos_token_ids = frozenset({eos})
     llm.engine.scheduler.add(request)
     while not request.is_finished:
