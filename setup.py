@@ -9,6 +9,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+ENGINE_PACKAGES = ["formula", "core", "kv_cache", "worker", "decoding", "models", "models.loading",
+                   "entrypoints"]
 
 
 def _torch_has_cuda() -> bool:
@@ -58,10 +60,11 @@ setup(
     version="0.1.0",
     description="Composed decoding: formulas over several language models, served fast.",
     python_requires=">=3.10",
-    packages=["lmarith", "lmarith.models", "lmarith.kernels", "lmarith.bindings"],
+    packages=["lmarith", *[f"lmarith.{name}" for name in ENGINE_PACKAGES],
+              "lmarith.kernels", "lmarith.bindings"],
     package_dir={
         "lmarith": "engine",
-        "lmarith.models": "engine/models",
+        **{f"lmarith.{name}": f"engine/{name.replace('.', '/')}" for name in ENGINE_PACKAGES},
         "lmarith.kernels": "kernels",
         "lmarith.bindings": "bindings",
     },
@@ -73,5 +76,5 @@ setup(
         "accelerate==1.15.0", "gguf==0.19.0", "pybind11==3.1.0",
     ],
     extras_require={"test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis==6.155.2"]},
-    entry_points={"console_scripts": ["lmarith=lmarith.cli:main"]},
+    entry_points={"console_scripts": ["lmarith=lmarith.entrypoints.cli:main"]},
 )

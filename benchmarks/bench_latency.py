@@ -36,19 +36,12 @@ def formula_with_terms(model: la.Model, num_terms: int) -> la.Formula:
 
 
 def lmarith_decode_seconds(llm: la.LLM, formula: la.Formula, batch: int, tokens: int) -> float:
-    """Seconds per decode step (every request gains one token), prefill excluded."""
+    """Seconds per decode step (every request gains one token), prefill excluded: the
+    requests' decode time (first token to finish) over the tokens after the first."""
     params = la.SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
-    engine = llm.engine
-    engine.prepare_models([formula])
-    requests = [engine.add_request(f"b{i}", PROMPTS[i % len(PROMPTS)], formula, params) for i in range(batch)]
-    while any(len(r.output_ids) == 0 for r in requests):
-        engine.step()
-    start = time.perf_counter()
-    steps = 0
-    while any(not r.is_finished for r in requests):
-        engine.step()
-        steps += 1
-    return (time.perf_counter() - start) / steps
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    outputs = llm.generate(prompts, formula, params)
+    return max(output.metrics.decode_time for output in outputs) / tokens
 
 
 def transformers_decode_seconds(hf_model, tokenizer, batch: int, tokens: int) -> float:
@@ -88,8 +81,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = embedded_model("float32")
-    llm = la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=64)
-    llm.engine.prepare_models([model])
+    llm = la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=64, models=[model])
     hf_model = AutoModelForCausalLM.from_pretrained(model.path).eval()
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())

@@ -1,19 +1,23 @@
 """lmarith: composed decoding over several language models.
 
-Formulas over models (model arithmetic), compiled to fused kernels, run by an engine.
+Formulas over models (model arithmetic) compiled to fused kernels, served by an engine with
+continuous batching over one paged KV cache shared by every model.
 """
-from .formula import Constant, Formula, FormulaError, Linear, Model, Term
-from .formula_ops import (Classifier, ClassifierSpec, Indicator, Intersection, Max, Min,
-                          SelfDebias, TopPTopK, Union)
-from .plan import Plan, compile_plan
-from .sampling_params import SamplingParams, SamplingParamsError
-from .block_manager import CacheExhaustedError
-from .engine import PromptError
-from .llm import LLM, RequestOutput, StreamChunk
+from .config import EngineConfig, ModelSpec
+from .errors import (CacheExhaustedError, ConfigError, EngineError, FormulaError, LmarithError,
+                     ModelLoadError, PromptError, RequestAbortedError, SamplingParamsError,
+                     UnsupportedModelError)
+from .formula import (Classifier, ClassifierSpec, Constant, Formula, Indicator, Intersection, Linear,
+                      Max, Min, Model, Plan, SelfDebias, Term, TopPTopK, Union, compile_plan)
+from .llm import LLM
+from .outputs import EngineStats, RequestMetrics, RequestOutput, StreamChunk
+from .sampling_params import SamplingParams
 
 __all__ = [
-    "Classifier", "ClassifierSpec", "Constant", "Formula", "FormulaError", "Indicator",
-    "Intersection", "Linear", "Max", "Min", "Model", "Plan", "SelfDebias", "Term", "TopPTopK",
-    "Union", "compile_plan", "SamplingParams", "SamplingParamsError", "CacheExhaustedError",
-    "PromptError", "LLM", "RequestOutput", "StreamChunk",
+    "CacheExhaustedError", "Classifier", "ClassifierSpec", "ConfigError", "Constant", "EngineConfig",
+    "EngineError", "EngineStats", "Formula", "FormulaError", "Indicator", "Intersection", "LLM",
+    "Linear", "LmarithError", "Max", "Min", "Model", "ModelLoadError", "ModelSpec", "Plan",
+    "PromptError", "RequestAbortedError", "RequestMetrics", "RequestOutput", "SamplingParams",
+    "SamplingParamsError", "SelfDebias", "StreamChunk", "Term", "TopPTopK", "Union",
+    "UnsupportedModelError", "compile_plan",
 ]

@@ -1,6 +1,6 @@
 """`python -m lmarith ...` runs the command line."""
 import sys
 
-from .cli import main
+from .entrypoints.cli import main
 
 sys.exit(main())

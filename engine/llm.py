@@ -1,100 +1,184 @@
-"""LLM: the public, vLLM-like entry point: generate() for batches, stream() for one prompt."""
+"""LLM: the public, vLLM-like entry point. generate() decodes batches, stream() yields text as
+it comes, agenerate()/astream() are the asyncio faces; all of them, from any number of
+threads or tasks, feed one engine loop, so concurrent callers are batched together."""
 from __future__ import annotations
 
+import asyncio
 import itertools
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+import queue
+import weakref
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
 
-from .engine import LLMEngine
+from .config import EngineConfig, ModelSpec
+from .core import EngineLoop, LLMEngine, NewRequest, RequestUpdate
+from .core.request_builder import check_formula, check_prompt
+from .errors import FormulaError, PromptError, SamplingParamsError
+from .formula import Formula, Model
 from .kv_cache import kv_budget
-from .formula import Formula
-from .request import Request
+from .outputs import EngineStats, RequestOutput, StreamChunk
 from .sampling_params import SamplingParams
 
-
-@dataclass
-class RequestOutput:
-    """The result of one prompt."""
-
-    request_id: str
-    prompt: str
-    text: str
-    token_ids: list[int]
-    finish_reason: Optional[str]
-    num_preemptions: int = 0
+Prompts = Union[str, Sequence[str]]
+Formulas = Union[Formula, Sequence[Formula]]
 
 
-@dataclass
-class StreamChunk:
-    """New text and tokens since the previous chunk; finish_reason set on the last one."""
-
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None
-
-
-def _output(request: Request) -> RequestOutput:
-    return RequestOutput(request.request_id, request.prompt, request.text, list(request.output_ids),
-                         request.finish_reason, request.num_preemptions)
+def _model_spec(model: Union[Model, ModelSpec, str]) -> ModelSpec:
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, Model):
+        return model.spec
+    return ModelSpec(model)
 
 
 class LLM:
     """Serves formulas over several models with one shared paged KV cache.
 
     kv_cache_bytes: the KV budget shared by every model (None: kv_cache_fraction of the memory
-    free when the LLM is made); max_num_seqs: running requests at
-    once; max_num_batched_tokens: tokens computed per step (longer prompts are chunked).
+    free now); max_num_seqs: running requests at once; max_num_batched_tokens: tokens computed
+    per step (longer prompts are chunked); page_tokens: tokens per KV page of the largest
+    model; models: models to load now, so the pool's pages are sized for all of them.
     """
 
     def __init__(self, kv_cache_bytes: Optional[int] = 1 << 30, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, page_tokens: int = 16, device: str = "cpu",
-                 kv_cache_fraction: float = 0.2) -> None:
-        if max_num_seqs < 1 or max_num_batched_tokens < 1 or page_tokens < 1:
-            raise ValueError("max_num_seqs, max_num_batched_tokens and page_tokens must be >= 1")
-        budget = kv_budget(kv_cache_bytes, kv_cache_fraction, device)
-        self.engine = LLMEngine(budget, max_num_seqs, max_num_batched_tokens, page_tokens, device)
+                 kv_cache_fraction: float = 0.2, models: Sequence = (),
+                 num_threads: Optional[int] = None) -> None:
+        config = EngineConfig(kv_budget(kv_cache_bytes, kv_cache_fraction, device), max_num_seqs,
+                              max_num_batched_tokens, page_tokens, device, num_threads)
+        self.config = config
+        self.engine = LLMEngine(config, [_model_spec(m) for m in models])
+        self._loop = EngineLoop(self.engine)
         self._ids = itertools.count()
+        self._finalizer = weakref.finalize(self, self._loop.close)
 
-    def generate(self, prompts: Union[str, Sequence[str]], formula: Union[Formula, Sequence[Formula]],
-                 params: Optional[SamplingParams] = None) -> list[RequestOutput]:
-        """Decode every prompt (each with its formula, or one formula for all) to completion."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    def close(self) -> None:
+        """Stop the engine thread; unfinished requests fail with RequestAbortedError."""
+        self._finalizer()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> EngineStats:
+        """Pages, queues and counters, read between two engine steps."""
+        return self._loop.call(self.engine.stats).result()
+
+    def _new_requests(self, prompts: Prompts, formula: Formulas,
+                      params: Optional[SamplingParams]) -> list[NewRequest]:
+        """Check the call's inputs (types, formulas, prompts) before anything loads or queues."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif not isinstance(prompts, (list, tuple)):
+            raise PromptError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
         formulas = list(formula) if isinstance(formula, (list, tuple)) else [formula] * len(prompts)
         if len(formulas) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(formulas)} formulas")
-        params = params or SamplingParams()
-        self.engine.prepare_models(formulas)
-        requests = [self.engine.build_request(str(next(self._ids)), p, f, params)
-                    for p, f in zip(prompts, formulas)]
-        for request in requests:
-            self.engine.scheduler.add(request)
+            raise FormulaError(f"got {len(prompts)} prompts but {len(formulas)} formulas; give one "
+                               "formula, or one per prompt")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise SamplingParamsError(f"params must be a SamplingParams, got {type(params).__name__}")
+        max_terms = self.config.max_num_batched_tokens
+        return [NewRequest(str(next(self._ids)), check_prompt(p), check_formula(f, max_terms), params)
+                for p, f in zip(prompts, formulas)]
+
+    def _load(self, requests: list[NewRequest]) -> None:
+        self.engine.load_models(t.spec for r in requests for t in r.formula.terms)
+
+    def generate(self, prompts: Prompts, formula: Formulas,
+                 params: Optional[SamplingParams] = None) -> list[RequestOutput]:
+        """Decode every prompt (each with its formula, or one formula for all) to completion."""
+        news = self._new_requests(prompts, formula, params)
+        if not news:
+            return []
+        self._load(news)
+        inboxes = [queue.SimpleQueue() for _ in news]
+        requests = self._loop.submit(news, [inbox.put for inbox in inboxes]).result()
         try:
-            while any(not r.is_finished for r in requests):
-                self.engine.step()
+            return [_final(inbox.get) for inbox in inboxes]
         finally:
             for request in requests:
-                self.engine.abort(request)
-        return [_output(r) for r in requests]
+                self._loop.abort(request)
 
     def stream(self, prompt: str, formula: Formula,
                params: Optional[SamplingParams] = None) -> Iterator[StreamChunk]:
-        """Yield text as it is generated; the last chunk carries the finish reason.
+        """Yield text as it is generated; the last chunk carries the finish reason. Checks and
+        queues the request now; closing the iterator early cancels it."""
+        news = self._new_requests(prompt, formula, params)
+        self._load(news)
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        [request] = self._loop.submit(news, [inbox.put]).result()
+        return self._chunks(inbox, request)
 
-        Text that could be the start of a stop string is held back until it is not."""
-        request = self.engine.add_request(str(next(self._ids)), prompt, formula,
-                                          params or SamplingParams())
-        held_back = max((len(stop) - 1 for stop in request.params.stop), default=0)
-        sent_chars, sent_tokens = 0, 0
+    def _chunks(self, inbox: queue.SimpleQueue, request) -> Iterator[StreamChunk]:
         try:
-            while not request.is_finished:
-                self.engine.step()
-                done = request.is_finished
-                if request.text.endswith("\ufffd") and not done:
-                    continue
-                ready = len(request.text) if done else max(sent_chars, len(request.text) - held_back)
-                if len(request.output_ids) > sent_tokens or done:
-                    yield StreamChunk(request.text[sent_chars:ready], request.output_ids[sent_tokens:],
-                                      request.finish_reason)
-                    sent_chars, sent_tokens = ready, len(request.output_ids)
+            while True:
+                update = inbox.get()
+                yield _chunk(update)
+                if update.output is not None:
+                    return
         finally:
-            self.engine.abort(request)
+            self._loop.abort(request)
+
+    async def agenerate(self, prompts: Prompts, formula: Formulas,
+                        params: Optional[SamplingParams] = None) -> list[RequestOutput]:
+        """generate() for asyncio: waits without blocking the event loop; cancelling aborts."""
+        news = self._new_requests(prompts, formula, params)
+        if not news:
+            return []
+        await asyncio.to_thread(self._load, news)
+        inboxes, sinks = _async_inboxes(len(news))
+        requests = await asyncio.wrap_future(self._loop.submit(news, sinks))
+        try:
+            return [await _afinal(inbox) for inbox in inboxes]
+        finally:
+            for request in requests:
+                self._loop.abort(request)
+
+    async def astream(self, prompt: str, formula: Formula,
+                      params: Optional[SamplingParams] = None) -> AsyncIterator[StreamChunk]:
+        """stream() for asyncio (what the HTTP server uses); cancelling aborts the request."""
+        news = self._new_requests(prompt, formula, params)
+        await asyncio.to_thread(self._load, news)
+        [inbox], sinks = _async_inboxes(1)
+        [request] = await asyncio.wrap_future(self._loop.submit(news, sinks))
+        try:
+            while True:
+                update = await inbox.get()
+                yield _chunk(update)
+                if update.output is not None:
+                    return
+        finally:
+            self._loop.abort(request)
+
+
+def _chunk(update: RequestUpdate) -> StreamChunk:
+    """The update's chunk, or its request's error raised in the caller."""
+    if update.error is not None and update.output.finish_reason != "abort":
+        raise update.error
+    return update.chunk
+
+
+def _final(get: Callable[[], RequestUpdate]) -> RequestOutput:
+    while True:
+        update = get()
+        if update.output is not None:
+            _chunk(update)
+            return update.output
+
+
+async def _afinal(inbox: asyncio.Queue) -> RequestOutput:
+    while True:
+        update = await inbox.get()
+        if update.output is not None:
+            _chunk(update)
+            return update.output
+
+
+def _async_inboxes(count: int) -> tuple[list[asyncio.Queue], list[Callable[[RequestUpdate], None]]]:
+    """asyncio queues for updates posted from the engine thread."""
+    loop = asyncio.get_running_loop()
+    inboxes = [asyncio.Queue() for _ in range(count)]
+    return inboxes, [lambda update, q=inbox: loop.call_soon_threadsafe(q.put_nowait, update)
+                     for inbox in inboxes]

@@ -12,10 +12,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .formula import Formula, Model, Term
-from .formula_ops import Classifier, ClassifierSpec
+from .core.tokenization import check_same_vocabulary, eos_token_ids, term_context_ids
+from .formula import Classifier, ClassifierSpec, Formula, Model
 from .kernels import reference as kernel_reference
-from .tokenization import check_same_vocabulary, eos_token_ids, term_context_ids
 
 
 @dataclass

@@ -1,18 +1,42 @@
-"""SamplingParams: how one request picks its tokens and when it stops."""
+"""SamplingParams: how one request picks its tokens and when it stops. Immutable and checked
+when made (use dataclasses.replace to change a field), so what the engine reads is always
+what was validated."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+from .errors import SamplingParamsError
+
+__all__ = ["SamplingParams", "SamplingParamsError"]
 
 
-class SamplingParamsError(ValueError):
-    """Sampling parameters out of range; the message names the field and its valid range."""
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise SamplingParamsError(message)
 
 
-@dataclass
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _string_list(name: str, value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    _check(isinstance(items, (list, tuple)) and all(isinstance(s, str) and s for s in items),
+           f"{name} must be a string or a list of non-empty strings, got {value!r}")
+    return tuple(items)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """vLLM-like sampling settings. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    """vLLM-like sampling settings. temperature 0 is greedy; top_k 0 (or above the
+    vocabulary) and top_p 1 are off; stop strings end the text before them; stop_token_ids
+    end generation like EOS (the token is kept in token_ids)."""
 
     temperature: float = 1.0
     max_tokens: int = 16
@@ -20,29 +44,30 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        object.__setattr__(self, "stop", _string_list("stop", self.stop))
+        ids = self.stop_token_ids
+        _check(isinstance(ids, (list, tuple)) and all(_is_integer(t) and 0 <= t < 2 ** 31 for t in ids),
+               f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(ids))
         self.validate()
 
     def validate(self) -> "SamplingParams":
-        _check(math.isfinite(self.temperature) and self.temperature >= 0,
-               f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-               f"max_tokens must be an integer >= 1, got {self.max_tokens}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0,
-               f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
-        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63),
-               f"seed must be None or an integer in [0, 2**63), got {self.seed}")
-        _check(all(isinstance(s, str) and s for s in self.stop),
-               f"stop must be a list of non-empty strings, got {self.stop!r}")
+        _check(_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
+               f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        _check(_is_integer(self.max_tokens) and 1 <= self.max_tokens < 2 ** 31,
+               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _check(_is_integer(self.top_k) and self.top_k >= 0,
+               f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1,
+               f"top_p must be a number in (0, 1] (1 = off), got {self.top_p!r}")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1,
+               f"min_p must be a number in [0, 1] (0 = off), got {self.min_p!r}")
+        _check(self.seed is None or (_is_integer(self.seed) and 0 <= self.seed < 2 ** 63),
+               f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+        _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         return self
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise SamplingParamsError(message)

@@ -137,29 +137,12 @@ def _default_block_n(page_size: int) -> int:
     return min(MAX_BLOCK_N, max(MIN_DOT, triton.next_power_of_2(page_size)))
 
 
-def _check_shapes(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                  page_size: int) -> None:
-    """Raise ValueError when query and caches do not line up."""
-    if query.dim() != 3:
-        raise ValueError(f"query must be [N, H, D], got {tuple(query.shape)}")
-    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
-        raise ValueError(f"caches must both be [P, page_size, KVH, D], got "
-                         f"{tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
-    if key_cache.shape[1] != page_size:
-        raise ValueError(f"cache page size {key_cache.shape[1]} != meta.page_size {page_size}")
-    if key_cache.shape[3] != query.shape[2]:
-        raise ValueError(f"head_dim mismatch: query {query.shape[2]}, cache {key_cache.shape[3]}")
-    if query.shape[1] % key_cache.shape[2] != 0:
-        raise ValueError(f"{query.shape[1]} query heads not a multiple of "
-                         f"{key_cache.shape[2]} kv heads")
-
-
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     meta: Any, scale: float, sliding_window: int | None = None,
                     block_n: int | None = None) -> torch.Tensor:
-    """Causal attention of new tokens query [N, H, D] over the paged cache; returns [N, H, D]."""
+    """Causal attention of new tokens query [N, H, D] over the paged cache; returns [N, H, D].
+    Shapes are checked by the dispatch (lmarith.bindings.checks) before any face runs."""
     page_size = int(meta.page_size)
-    _check_shapes(query, key_cache, value_cache, page_size)
     num_tokens, num_heads, head_dim = query.shape
     kv_heads = key_cache.shape[2]
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)

@@ -51,27 +51,11 @@ def _store_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr,
                 KV_HEADS, HEAD_DIM, HEADS_P2, DIM_P2)
 
 
-def _check_shapes(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                  value_cache: torch.Tensor, slot_pages: torch.Tensor,
-                  slot_offsets: torch.Tensor) -> None:
-    """Raise ValueError when the operands' shapes do not line up."""
-    if key.dim() != 3 or key.shape != value.shape:
-        raise ValueError(f"key/value must both be [N, KVH, D], got {key.shape} and {value.shape}")
-    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
-        raise ValueError(f"caches must both be [P, page_size, KVH, D], got {key_cache.shape} "
-                         f"and {value_cache.shape}")
-    if key_cache.shape[2:] != key.shape[1:]:
-        raise ValueError(f"cache heads/dim {tuple(key_cache.shape[2:])} "
-                         f"!= key {tuple(key.shape[1:])}")
-    if slot_pages.shape != (key.shape[0],) or slot_offsets.shape != (key.shape[0],):
-        raise ValueError("slot_pages and slot_offsets must be [N]")
-
-
 def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
              value_cache: torch.Tensor, slot_pages: torch.Tensor,
              slot_offsets: torch.Tensor) -> None:
-    """Write key/value [N, KVH, D] into the paged caches at (slot_pages, slot_offsets), in place."""
-    _check_shapes(key, value, key_cache, value_cache, slot_pages, slot_offsets)
+    """Write key/value [N, KVH, D] into the paged caches at (slot_pages, slot_offsets), in place;
+    tokens whose page is negative are padding and skipped. Shapes are checked by the dispatch."""
     num_tokens, kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return

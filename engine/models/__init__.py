@@ -1,15 +1,16 @@
-"""Model implementations and loaders: our own torch decoder LMs running on a paged KV cache."""
-from lmarith.models.attention import (AttentionMetadata, AttentionPlan, attend, build_metadata,
-                                      paged_attention, plan_attention, store_kv)
+"""Our own decoder LMs on a paged KV cache: Llama (SmolLM2, Mistral, Qwen2, Qwen3) and GPT-2,
+their layers, the attention they call through the ops dispatch, configs, the architecture
+registry, and loading/ (HF safetensors and GGUF). Models know nothing of formulas."""
+from lmarith.errors import UnsupportedModelError
+from lmarith.models.attention import AttentionMetadata, build_metadata, paged_self_attention
 from lmarith.models.config import ModelConfig, kv_bytes_per_token
 from lmarith.models.gpt2 import GPT2LMHeadModel
 from lmarith.models.llama import LlamaForCausalLM
-from lmarith.models.loader import build_model, load_model
-from lmarith.models.registry import UnsupportedModelError, parse_config, supported_architectures
+from lmarith.models.loading import build_model, load_model, load_tokenizer
+from lmarith.models.registry import parse_config, supported_architectures
 
 __all__ = [
-    "AttentionMetadata", "AttentionPlan", "GPT2LMHeadModel", "LlamaForCausalLM", "ModelConfig",
-    "UnsupportedModelError", "attend", "build_metadata", "build_model", "kv_bytes_per_token",
-    "load_model", "paged_attention", "parse_config", "plan_attention", "store_kv",
-    "supported_architectures",
+    "AttentionMetadata", "GPT2LMHeadModel", "LlamaForCausalLM", "ModelConfig",
+    "UnsupportedModelError", "build_metadata", "build_model", "kv_bytes_per_token", "load_model",
+    "load_tokenizer", "paged_self_attention", "parse_config", "supported_architectures",
 ]

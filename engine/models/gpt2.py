@@ -6,12 +6,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lmarith.models.attention import (AttentionMetadata, AttentionPlan, attend, plan_attention,
-                                      store_kv)
+from lmarith.models.attention import AttentionMetadata, KVCache, paged_self_attention
 from lmarith.models.config import ModelConfig
 from lmarith.models.layers import CausalLMHead, WeightFiller, activation
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 # HF GPT-2 stores these as Conv1D weights [in, out]; nn.Linear wants [out, in].
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -31,14 +28,12 @@ class GPT2Attention(nn.Module):
         scale = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if config.scale_attn_by_inverse_layer_idx else scale
 
-    def forward(self, x: torch.Tensor, plan: AttentionPlan, meta: AttentionMetadata,
-                cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         """Attend the new tokens x [N, hidden] over their cached context; writes their K/V."""
         num_tokens, hidden = x.shape
         qkv = self.c_attn(x).view(num_tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)
-        store_kv(k, v, cache[0], cache[1], meta.slot_pages, meta.slot_offsets)
-        out = attend(q, cache[0], cache[1], plan, self.scale)
+        out = paged_self_attention(q, k, v, cache, meta, self.scale)
         return self.c_proj(out.reshape(num_tokens, hidden))
 
 
@@ -66,10 +61,9 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, x: torch.Tensor, plan: AttentionPlan, meta: AttentionMetadata,
-                cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         """One transformer block over the step's new tokens."""
-        x = x + self.attn(self.ln_1(x), plan, meta, cache)
+        x = x + self.attn(self.ln_1(x), meta, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -102,9 +96,8 @@ class GPT2LMHeadModel(CausalLMHead):
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """Hidden states [N, hidden] of this step's new tokens; their K/V go into kv_caches."""
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
-        plan = plan_attention(meta)
         for block, cache in zip(self.transformer.h, kv_caches):
-            x = block(x, plan, meta, cache)
+            x = block(x, meta, cache)
         return self.transformer.ln_f(x)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -10,13 +10,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lmarith.models.attention import (AttentionMetadata, AttentionPlan, attend, plan_attention,
-                                      store_kv)
+from lmarith.models.attention import AttentionMetadata, KVCache, paged_self_attention
 from lmarith.models.config import ModelConfig
 from lmarith.models.layers import (CausalLMHead, GatedMLP, RMSNorm, RotaryEmbedding, WeightFiller,
                                    apply_rotary)
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
@@ -37,7 +34,7 @@ class LlamaAttention(nn.Module):
         self.window = config.sliding_window(layer)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                plan: AttentionPlan, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+                meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         """Attend the new tokens x [N, hidden] over their cached context; writes their K/V."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
@@ -47,8 +44,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        store_kv(k, v, cache[0], cache[1], meta.slot_pages, meta.slot_offsets)
-        out = attend(q, cache[0], cache[1], plan, self.scale)
+        out = paged_self_attention(q, k, v, cache, meta, self.scale, self.window)
         return self.o_proj(out.reshape(num_tokens, self.sizes[0]))
 
 
@@ -63,11 +59,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                plans: dict[int | None, AttentionPlan], meta: AttentionMetadata,
-                cache: KVCache) -> torch.Tensor:
+                meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         """One transformer block over the step's new tokens."""
-        plan = plans[self.self_attn.window]
-        x = x + self.self_attn(self.input_layernorm(x), rope, plan, meta, cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -96,7 +90,6 @@ class LlamaForCausalLM(CausalLMHead):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config, device)
-        self.windows = {config.sliding_window(i) for i in range(config.num_layers)}
 
     def input_embedding(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -107,9 +100,8 @@ class LlamaForCausalLM(CausalLMHead):
         """Hidden states [N, hidden] of this step's new tokens; their K/V go into kv_caches."""
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary.cos_sin(positions, x.dtype)
-        plans = {window: plan_attention(meta, window) for window in self.windows}
         for layer, cache in zip(self.model.layers, kv_caches):
-            x = layer(x, rope, plans, meta, cache)
+            x = layer(x, rope, meta, cache)
         return self.model.norm(x)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

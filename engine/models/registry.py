@@ -6,13 +6,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lmarith.errors import UnsupportedModelError
 from lmarith.models.config import ModelConfig, gpt2_config, llama_config
 from lmarith.models.gpt2 import GPT2LMHeadModel
 from lmarith.models.llama import LlamaForCausalLM
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture has no implementation here."""
 
 
 ConfigParser = Callable[[dict[str, Any], torch.dtype], ModelConfig]

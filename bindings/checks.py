@@ -1,0 +1,130 @@
+"""Input checks shared by every face of every op: shapes, dtypes and devices are checked once
+here, before any kernel sees a pointer, with messages that say what to change. Keyword
+options of one face (Triton tile sizes) pass through unchecked."""
+from __future__ import annotations
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+
+
+def _check_dtype(name: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...], kind: str) -> None:
+    if tensor.dtype not in allowed:
+        raise ValueError(f"{name} must be {kind} tensor, got {tensor.dtype}; convert it with .to(...)")
+
+
+def _check_same_device(tensors: dict[str, torch.Tensor]) -> torch.device:
+    """All inputs must live on one device, which is returned."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    strays = [f"{name} on {device}" for name, device in devices.items() if device != first]
+    if strays:
+        raise ValueError(f"all inputs must be on one device (first is {first}); move "
+                         + ", ".join(strays))
+    return first
+
+
+def _check_tensors(tensors: dict[str, object]) -> None:
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def validate_combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
+                      group_coefs: torch.Tensor, group_kinds: torch.Tensor, **face_options) -> torch.device:
+    """Checks the plan's shapes against logits [T, B, V]; returns the common device."""
+    named = {"logits": logits, "weights": weights, "consts": consts,
+             "group_coefs": group_coefs, "group_kinds": group_kinds}
+    _check_tensors(named)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [T, B, V], got shape {list(logits.shape)}")
+    num_terms, batch, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits must have a nonempty vocabulary (V > 0)")
+    if group_coefs.dim() != 2:
+        raise ValueError(f"group_coefs must be [B, G], got shape {list(group_coefs.shape)}")
+    num_groups = group_coefs.shape[1]
+    num_blocks = 1 + 2 * num_groups
+    _check_shape("weights", weights, (batch, num_blocks, num_terms))
+    _check_shape("consts", consts, (batch, num_blocks))
+    _check_shape("group_coefs", group_coefs, (batch, num_groups))
+    _check_shape("group_kinds", group_kinds, (batch, num_groups))
+    _check_dtype("logits", logits, _FLOAT_DTYPES, "a floating-point")
+    for name in ("weights", "consts", "group_coefs"):
+        _check_dtype(name, named[name], _FLOAT_DTYPES, "a floating-point")
+    _check_dtype("group_kinds", group_kinds, _INT_DTYPES, "an integer")
+    return _check_same_device(named)
+
+
+def validate_sample(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                     top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+                     step: torch.Tensor, **face_options) -> torch.device:
+    """Checks log_probs [B, V] and the per-row [B] controls; returns the common device."""
+    named = {"log_probs": log_probs, "temperature": temperature, "top_k": top_k,
+             "top_p": top_p, "min_p": min_p, "seed": seed, "step": step}
+    _check_tensors(named)
+    if log_probs.dim() != 2:
+        raise ValueError(f"log_probs must be [B, V], got shape {list(log_probs.shape)}")
+    batch, vocab = log_probs.shape
+    if vocab == 0:
+        raise ValueError("log_probs must have a nonempty vocabulary (V > 0)")
+    if vocab >= 2 ** 31:
+        raise ValueError(f"the vocabulary must be below 2**31 tokens, got {vocab}")
+    _check_dtype("log_probs", log_probs, _FLOAT_DTYPES, "a floating-point")
+    for name in ("temperature", "top_p", "min_p"):
+        _check_shape(name, named[name], (batch,))
+        _check_dtype(name, named[name], _FLOAT_DTYPES, "a floating-point")
+    for name in ("top_k", "seed", "step"):
+        _check_shape(name, named[name], (batch,))
+        _check_dtype(name, named[name], _INT_DTYPES, "an integer")
+    return _check_same_device(named)
+
+
+def validate_store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, slot_pages: torch.Tensor,
+                      slot_offsets: torch.Tensor, **face_options) -> torch.device:
+    """key/value [N, KVH, D] against caches [P, page_size, KVH, D] and slots [N]."""
+    named = {"key": key, "value": value, "key_cache": key_cache, "value_cache": value_cache,
+             "slot_pages": slot_pages, "slot_offsets": slot_offsets}
+    _check_tensors(named)
+    if key.dim() != 3 or key.shape != value.shape:
+        raise ValueError(f"key/value must both be [N, KVH, D], got {list(key.shape)} and {list(value.shape)}")
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError(f"caches must both be [P, page_size, KVH, D], got {list(key_cache.shape)} "
+                         f"and {list(value_cache.shape)}")
+    if key_cache.shape[2:] != key.shape[1:]:
+        raise ValueError(f"cache heads/dim {list(key_cache.shape[2:])} != key {list(key.shape[1:])}")
+    _check_shape("slot_pages", slot_pages, (key.shape[0],))
+    _check_shape("slot_offsets", slot_offsets, (key.shape[0],))
+    return _check_same_device(named)
+
+
+def validate_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                             meta, scale: float, sliding_window: int | None = None,
+                             **face_options) -> torch.device:
+    """query [N, H, D] against caches [P, page_size, KVH, D] and the step's metadata."""
+    named = {"query": query, "key_cache": key_cache, "value_cache": value_cache,
+             "block_tables": meta.block_tables, "context_lens": meta.context_lens}
+    _check_tensors(named)
+    if query.dim() != 3:
+        raise ValueError(f"query must be [N, H, D], got {list(query.shape)}")
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError(f"caches must both be [P, page_size, KVH, D], got {list(key_cache.shape)} "
+                         f"and {list(value_cache.shape)}")
+    if key_cache.shape[1] != meta.page_size:
+        raise ValueError(f"cache page size {key_cache.shape[1]} != meta.page_size {meta.page_size}")
+    if key_cache.shape[3] != query.shape[2]:
+        raise ValueError(f"head_dim mismatch: query {query.shape[2]}, cache {key_cache.shape[3]}")
+    if query.shape[1] % key_cache.shape[2] != 0:
+        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key_cache.shape[2]} kv heads")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or a positive integer, got {sliding_window!r}")
+    if query.shape[0] != meta.slot_pages.shape[0]:
+        raise ValueError(f"query has {query.shape[0]} rows but the metadata {meta.slot_pages.shape[0]} tokens")
+    return _check_same_device(named)

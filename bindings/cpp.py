@@ -1,0 +1,75 @@
+"""The C++ faces (lmarith._C, OpenMP + SIMD) of combine and sample, on inputs already checked
+by bindings/checks.py: tensors are made contiguous in the dtypes the kernels read and passed
+as raw pointers, so _C never depends on torch's C++ ABI."""
+from __future__ import annotations
+
+import torch
+
+try:
+    from lmarith import _C
+except ImportError as error:  # a broken build still leaves the torch faces usable
+    _C = None
+    _C_IMPORT_ERROR: ImportError | None = error
+else:
+    _C_IMPORT_ERROR = None
+
+_LOGITS_F32, _LOGITS_BF16 = 0, 1
+
+
+def available() -> bool:
+    """True when the C++ extension lmarith._C imported."""
+    return _C is not None
+
+
+def _contiguous(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype).contiguous()
+
+
+def require(device: torch.device, face: str) -> None:
+    """Raise unless the extension imported and the inputs are on the CPU."""
+    if _C is None:
+        raise RuntimeError(f"{face}: lmarith._C is not available ({_C_IMPORT_ERROR}); "
+                           "rebuild with `pip install --no-build-isolation -e .`")
+    if device.type != "cpu":
+        raise ValueError(f"{face} runs on CPU tensors only, got {device}; move them with .cpu()")
+
+
+def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
+                           group_coefs: torch.Tensor, group_kinds: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs lmarith._C.combine on validated CPU inputs (bf16 logits pass as raw bits)."""
+    num_terms, batch, vocab = logits.shape
+    num_groups = group_coefs.shape[1]
+    if logits.dtype == torch.bfloat16:
+        logits, logits_code = logits.contiguous(), _LOGITS_BF16
+    else:
+        logits, logits_code = _contiguous(logits, torch.float32), _LOGITS_F32
+    weights = _contiguous(weights, torch.float32)
+    consts = _contiguous(consts, torch.float32)
+    group_coefs = _contiguous(group_coefs, torch.float32)
+    group_kinds = _contiguous(group_kinds, torch.int32)
+    log_probs = torch.empty((batch, vocab), dtype=torch.float32)
+    lse = torch.empty((batch,), dtype=torch.float32)
+    _C.combine(logits.data_ptr(), logits_code, num_terms, batch, vocab, weights.data_ptr(),
+               consts.data_ptr(), 1 + 2 * num_groups, group_coefs.data_ptr(),
+               group_kinds.data_ptr(), num_groups, log_probs.data_ptr(), lse.data_ptr())
+    return log_probs, lse
+
+
+def sample(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                          top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+                          step: torch.Tensor) -> torch.Tensor:
+    """Runs lmarith._C.sample on validated CPU inputs."""
+    batch, vocab = log_probs.shape
+    log_probs = _contiguous(log_probs, torch.float32)
+    temperature = _contiguous(temperature, torch.float32)
+    top_k = _contiguous(top_k.to(torch.int64).clamp(-1, vocab), torch.int32)
+    top_p = _contiguous(top_p, torch.float32)
+    min_p = _contiguous(min_p, torch.float32)
+    seed = _contiguous(seed, torch.int64)
+    step = _contiguous(step, torch.int64)
+    tokens = torch.empty((batch,), dtype=torch.int64)
+    _C.sample(log_probs.data_ptr(), batch, vocab, temperature.data_ptr(), top_k.data_ptr(),
+              top_p.data_ptr(), min_p.data_ptr(), seed.data_ptr(), step.data_ptr(),
+              tokens.data_ptr())
+    return tokens

@@ -1,0 +1,181 @@
+"""LLMEngine: one step is schedule -> execute (one forward per model) -> postprocess, with
+all bookkeeping in the scheduler. The engine also admits submissions (a batch of requests,
+validated all-or-none) and owns the KV pool's life: a model loaded while requests run joins
+the existing pool when its KV fits a page; otherwise the submission waits until the running
+requests finish and the pool is rebuilt, so no running request ever loses its cache.
+Everything but load_models runs on the engine loop's thread."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence as Seq, Union
+
+import torch
+
+from ..config import EngineConfig, ModelSpec
+from ..errors import CacheExhaustedError, RequestAbortedError
+from ..kv_cache import BlockManager
+from ..outputs import EngineStats
+from ..worker import ForwardItem, Worker
+from .request import Request
+from .request_builder import NewRequest, RequestBuilder
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence
+
+Accepted = Callable[[Union[list[Request], BaseException]], None]
+
+
+@dataclass
+class Submission:
+    """Requests that are queued together or not at all; `accepted` gets the Requests or the
+    validation error, on the loop thread."""
+
+    requests: list[NewRequest]
+    accepted: Accepted
+
+
+class LLMEngine:
+    """Models, KV pool, scheduler and the step loop behind lmarith.LLM."""
+
+    def __init__(self, config: EngineConfig, models: Seq[ModelSpec] = ()) -> None:
+        self.config = config
+        self.worker = Worker(config)
+        self.builder = RequestBuilder(self.worker)
+        self.scheduler: Optional[Scheduler] = None
+        self._deferred: deque[Submission] = deque()
+        if models:
+            self.load_models(models)
+            self._new_pool()
+
+    def load_models(self, specs: Iterable[ModelSpec]) -> None:
+        """Load models (all or none); any thread, without stalling the running requests."""
+        self.worker.load(specs)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._deferred) or (self.scheduler is not None and self.scheduler.has_unfinished())
+
+    def submit(self, submission: Submission) -> None:
+        """Validate and queue a submission now, or once a needed pool rebuild can happen."""
+        try:
+            ready = not self._deferred and self._pool_ready(submission)
+        except Exception as error:  # e.g. a model that fails to load: nothing was queued
+            submission.accepted(error)
+            return
+        if ready:
+            self._accept(submission)
+        else:
+            self._deferred.append(submission)
+            self._admit_deferred()
+
+    def _pool_ready(self, submission: Submission) -> bool:
+        """Load the submission's models; True when the current pool can hold their KV."""
+        specs = [t.spec for r in submission.requests for t in r.formula.terms]
+        self.worker.load(specs)
+        if self.worker.needs_new_pool(specs):
+            return False
+        self.worker.attach(specs)
+        return True
+
+    def _accept(self, submission: Submission) -> None:
+        try:
+            requests = [self.builder.build(new) for new in submission.requests]
+        except Exception as error:  # nothing of the submission was queued
+            submission.accepted(error)
+            return
+        for request in requests:
+            self.scheduler.add(request)
+        submission.accepted(requests)
+
+    def _admit_deferred(self) -> None:
+        """Rebuild the pool for waiting submissions once no request holds pages."""
+        if self.scheduler is not None and self.scheduler.has_unfinished():
+            return
+        while self._deferred:
+            submission = self._deferred.popleft()
+            try:
+                if not self._pool_ready(submission):
+                    self._new_pool()
+            except Exception as error:
+                submission.accepted(error)
+                continue
+            self._accept(submission)
+
+    def _new_pool(self) -> None:
+        pool = self.worker.build_pool()
+        self.scheduler = Scheduler(BlockManager(pool.num_pages), pool.copy_page,
+                                   self.config.max_num_seqs, self.config.max_num_batched_tokens)
+
+    def step(self) -> list[Request]:
+        """Run one step; returns the requests whose output changed."""
+        batch = self.scheduler.schedule() if self.scheduler is not None else ScheduledBatch()
+        changed: list[Request] = []
+        if not batch.is_empty:
+            logits, failed = self._execute(batch)
+            changed = self.scheduler.postprocess(batch, logits, failed)
+        elif self.scheduler is not None and self.scheduler.waiting:
+            changed = self._fail_unschedulable()
+        self._admit_deferred()
+        return changed
+
+    def _execute(self, batch: ScheduledBatch) -> tuple[dict[Sequence, torch.Tensor], dict[Request, BaseException]]:
+        """One forward per model; each sequence that samples gets its logits row, and every
+        request with a term on a model whose forward raised is reported as failed."""
+        work: dict[ModelSpec, list[tuple[Request, Sequence, ForwardItem]]] = {}
+        sampling = set(map(id, batch.sampling))
+        for request, pieces in batch.work:
+            for seq, count in pieces:
+                item = ForwardItem(seq.token_ids, seq.block_table, seq.num_computed, count,
+                                   num_logits=1 if id(request) in sampling else 0)
+                work.setdefault(seq.model, []).append((request, seq, item))
+        results = self.worker.execute({spec: [item for _, _, item in entries] for spec, entries in work.items()})
+        logits: dict[Sequence, torch.Tensor] = {}
+        failed: dict[Request, BaseException] = {}
+        for spec, entries in work.items():
+            rows = results[spec]
+            if isinstance(rows, BaseException):
+                failed.update((request, rows) for request, _, _ in entries)
+                continue
+            wanting = [seq for _, seq, item in entries if item.num_logits]
+            logits.update(zip(wanting, rows))
+        return logits, failed
+
+    def _fail_unschedulable(self) -> list[Request]:
+        """The oldest waiting request cannot get pages even with nothing else running."""
+        if self.scheduler.running:
+            return []
+        request = self.scheduler.waiting[0]
+        self.scheduler.finish(request, "error", CacheExhaustedError(
+            f"request {request.request_id} could not be scheduled: the KV pool is too small; "
+            "raise kv_cache_bytes"))
+        return [request]
+
+    def abort(self, request: Request) -> None:
+        """Drop a request and free its pages (a client went away)."""
+        if not request.is_finished:
+            self.scheduler.finish(request, "abort", RequestAbortedError(
+                f"request {request.request_id} was aborted"))
+
+    def fail_all(self, error: BaseException) -> list[Request]:
+        """Fail every queued and running request (after an unexpected engine failure)."""
+        doomed = [] if self.scheduler is None else list(self.scheduler.running) + list(self.scheduler.waiting)
+        for request in doomed:
+            self.scheduler.finish(request, "error", error)
+        while self._deferred:
+            self._deferred.popleft().accepted(error)
+        return doomed
+
+    def stats(self) -> EngineStats:
+        """A snapshot of pages, queues and counters."""
+        stats = EngineStats(forward_calls=dict(self.worker.forward_calls))
+        if self.scheduler is None:
+            return stats
+        manager, pool = self.scheduler.block_manager, self.worker.pool
+        stats.kv_pages_total, stats.kv_pages_free = manager.num_pages, manager.num_free_pages
+        stats.kv_pages_cached = manager.num_cached_free_pages
+        stats.requests_running = len(self.scheduler.running)
+        stats.requests_waiting = len(self.scheduler.waiting) + sum(len(s.requests) for s in self._deferred)
+        stats.preemptions = self.scheduler.num_preemptions
+        stats.tokens_generated = self.scheduler.tokens_generated
+        stats.prefix_cache_hit_tokens = self.scheduler.prefix_cache_hit_tokens
+        stats.kv_page_tokens = {spec: view.page_size for spec, view in pool.views.items()}
+        return stats

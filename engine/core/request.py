@@ -1,0 +1,90 @@
+"""Request: one prompt decoded under one formula. Its terms' Sequences all receive the same
+sampled tokens; the request keeps the output, its text (through the detokenizer), its status
+and metrics, and hands out what is new since the last look as StreamChunks."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..formula import Formula, Plan
+from ..outputs import RequestMetrics, RequestOutput, StreamChunk
+from ..sampling_params import SamplingParams
+from .detokenizer import Detokenizer
+from .sequence import Sequence
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """Scheduler-facing state of one request (owned by the engine loop's thread)."""
+
+    request_id: str
+    prompt: str
+    formula: Formula
+    plan: Optional[Plan]
+    params: SamplingParams
+    seed: int
+    sequences: list[Sequence]
+    eos_token_ids: frozenset[int]
+    arrival: int
+    detokenizer: Detokenizer
+    output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: Optional[str] = None
+    error: Optional[BaseException] = None
+    num_preemptions: int = 0
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: Optional[float] = None
+    sent_tokens: int = 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def pages_needed(self) -> int:
+        """Pages all terms need for their prompt plus max_tokens (the request's worst case)."""
+        return sum(seq.pages_needed(seq.prompt_len + self.params.max_tokens) for seq in self.sequences)
+
+    def append_token(self, token: int) -> Optional[str]:
+        """Record a sampled token; the finish reason it causes (EOS, stop, length), if any."""
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+            self.metrics.time_to_first_token = self.first_token_time - self.arrival_time
+        self.output_ids.append(token)
+        stopped = self.detokenizer.append(token)
+        ends = token in self.params.stop_token_ids or (
+            token in self.eos_token_ids and not self.params.ignore_eos)
+        if stopped or ends:
+            return "stop"
+        if len(self.output_ids) >= self.params.max_tokens:
+            return "length"
+        return None
+
+    def mark_finished(self, reason: str, error: Optional[BaseException] = None) -> None:
+        """Final status; the detokenizer releases the text it held back."""
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.error = error
+        self.detokenizer.finish()
+        if self.first_token_time is not None:
+            self.metrics.decode_time = time.monotonic() - self.first_token_time
+
+    def take_chunk(self) -> StreamChunk:
+        """Text and tokens not handed out yet (finish_reason once finished)."""
+        tokens = self.output_ids[self.sent_tokens:]
+        self.sent_tokens = len(self.output_ids)
+        return StreamChunk(self.detokenizer.take_ready(), tokens,
+                           self.finish_reason if self.is_finished else None)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.detokenizer.text,
+                             list(self.output_ids), self.finish_reason, self.num_preemptions,
+                             self.metrics)

@@ -1,0 +1,107 @@
+"""Turning what a caller sent (prompt, formula, sampling parameters) into a validated Request:
+every check a user can fail happens here, before anything is queued or reaches a kernel."""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+from ..errors import CacheExhaustedError, ConfigError, FormulaError, PromptError
+from ..formula import Formula, compile_plan, served_by_engine
+from ..sampling_params import SamplingParams
+from ..worker import Worker
+from .detokenizer import Detokenizer
+from .request import Request
+from .sequence import Sequence
+from .tokenization import check_same_vocabulary, eos_token_ids, term_context_ids
+
+
+@dataclass
+class NewRequest:
+    """A request as submitted, before validation."""
+
+    request_id: str
+    prompt: str
+    formula: Formula
+    params: SamplingParams
+
+
+def check_prompt(prompt) -> str:
+    """A prompt must be non-empty text that UTF-8 can encode."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"a prompt must be a str, got {type(prompt).__name__} ({prompt!r:.60}); "
+                          "decode bytes first and pass one string per prompt")
+    if not prompt:
+        raise PromptError("the prompt is empty; give at least one character of text")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PromptError(f"the prompt is not valid Unicode text ({error.reason} at position "
+                          f"{error.start}); remove lone surrogates") from None
+    return prompt
+
+
+def check_formula(formula, max_terms: int) -> Formula:
+    """A formula the engine can serve: valid, no reference-only nodes, not too many terms."""
+    if not isinstance(formula, Formula):
+        raise FormulaError(f"expected a formula (e.g. la.Model(path) or m.prompt(...) + ...), got "
+                           f"{type(formula).__name__}")
+    formula.validate()
+    op = served_by_engine(formula)
+    if op is not None:
+        raise FormulaError(f"{op} formulas run in lmarith.reference.generate only for now")
+    if len(formula.terms) > max_terms:
+        raise ConfigError(f"the formula has {len(formula.terms)} terms but max_num_batched_tokens is "
+                          f"{max_terms}; raise it to at least the number of terms")
+    return formula
+
+
+class RequestBuilder:
+    """Builds Requests against the loaded models and the current KV pool (loop thread only)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._arrivals = itertools.count()
+        self._seq_ids = itertools.count()
+        self._seed_source = random.Random()
+        self._vocabulary_checked: set[tuple] = set()
+
+    def build(self, new: NewRequest) -> Request:
+        """A validated Request, not yet queued."""
+        prompt = check_prompt(new.prompt)
+        formula = check_formula(new.formula, self.worker.config.max_num_batched_tokens)
+        runners = {term.spec: self.worker.runners[term.spec] for term in formula.terms}
+        models = tuple(sorted(runners, key=repr))
+        if models not in self._vocabulary_checked:
+            check_same_vocabulary({spec: runners[spec].tokenizer for spec in models})
+            self._vocabulary_checked.add(models)
+        sequences = [self._sequence(term, runners[term.spec], prompt, new.params) for term in formula.terms]
+        first = runners[formula.terms[0].spec]
+        params = new.params
+        seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
+        eos = frozenset(eos_token_ids(first.tokenizer, None) | set(first.config.eos_token_ids))
+        request = Request(new.request_id, prompt, formula, compile_plan(formula), params, seed,
+                          sequences, eos, next(self._arrivals),
+                          Detokenizer(first.tokenizer, sequences[0].token_ids, params.stop))
+        request.metrics.prompt_tokens = sum(seq.prompt_len for seq in sequences)
+        self._check_fits(request)
+        return request
+
+    def _sequence(self, term, runner, prompt: str, params: SamplingParams) -> Sequence:
+        context = term_context_ids(term, runner.tokenizer, prompt)
+        if len(context) + params.max_tokens > runner.max_context:
+            raise PromptError(
+                f"term {term} has a {len(context)}-token context; with max_tokens="
+                f"{params.max_tokens} it exceeds the model's {runner.max_context}-token window; "
+                "shorten the prompt or lower max_tokens")
+        page_size = self.worker.pool.views[term.spec].page_size
+        return Sequence(next(self._seq_ids), term.spec, page_size, list(context),
+                        prompt_len=len(context), term=term)
+
+    def _check_fits(self, request: Request) -> None:
+        num_pages = self.worker.pool.num_pages
+        if request.pages_needed() > num_pages:
+            raise CacheExhaustedError(
+                f"request {request.request_id} needs {request.pages_needed()} KV pages for its "
+                f"prompt and max_tokens across {len(request.sequences)} terms, but the pool has "
+                f"{num_pages}; raise kv_cache_bytes or lower max_tokens")

@@ -1,0 +1,164 @@
+"""Scheduler: waiting and running requests, all-or-nothing admission across a request's
+terms, chunked prefill under a token budget, preemption (free + recompute later) of the
+newest request when pages run out; and postprocess, which does all of a step's bookkeeping:
+commit pages, pick tokens (compose + sample), append them, detokenize, stop, free."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..decoding import DecodeRow, next_tokens
+from ..errors import CacheExhaustedError
+from ..kv_cache import BlockManager
+from .request import Request, RequestStatus
+from .sequence import Sequence
+
+
+@dataclass
+class ScheduledBatch:
+    """What one step computes: (sequence, new token count) per request, and which requests
+    have all their terms' last positions computed, so sample a token."""
+
+    work: list[tuple[Request, list[tuple[Sequence, int]]]] = field(default_factory=list)
+    sampling: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.work
+
+
+class Scheduler:
+    """Continuous batching over requests whose terms may live on several models."""
+
+    def __init__(self, block_manager: BlockManager, copy_page: Callable[[int, int], None],
+                 max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.copy_page = copy_page
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.tokens_generated = 0
+        self.prefix_cache_hit_tokens = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        """Pick this step's work: running requests first (oldest first), then admissions."""
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        for request in sorted(self.running, key=lambda r: r.arrival):
+            if request.status is RequestStatus.RUNNING and self._reserve_decode(request):
+                budget = self._plan_request(request, budget, batch)
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            request = self.waiting[0]
+            if not self.block_manager.can_allocate(request.sequences):
+                break
+            self.waiting.popleft()
+            self._admit(request)
+            budget = self._plan_request(request, budget, batch)
+        return batch
+
+    def _admit(self, request: Request) -> None:
+        for seq in request.sequences:
+            seq.num_computed = self.block_manager.allocate(seq)
+            self.prefix_cache_hit_tokens += seq.num_computed
+            if request.num_preemptions == 0:
+                request.metrics.cached_prompt_tokens += min(seq.num_computed, seq.prompt_len)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _reserve_decode(self, request: Request) -> bool:
+        """Give every term its newly sampled tokens and room for them, preempting newer
+        requests if needed. Returns False when the request itself had to be preempted."""
+        while True:
+            try:
+                for seq in request.sequences:
+                    new = request.output_ids[seq.num_generated:]
+                    if new:
+                        for source, target in self.block_manager.ensure_capacity(seq, len(new)):
+                            self.copy_page(source, target)
+                        seq.token_ids.extend(new)
+                return True
+            except CacheExhaustedError:
+                victim = max(self.running, key=lambda r: r.arrival)
+                self.preempt(victim)
+                if victim is request:
+                    return False
+
+    def _plan_request(self, request: Request, budget: int, batch: ScheduledBatch) -> int:
+        """Schedule the request's uncomputed tokens within budget; returns the budget left."""
+        remaining = [seq.num_uncomputed for seq in request.sequences]
+        if sum(remaining) <= budget:
+            counts, samples = remaining, True
+        else:
+            share = budget // len(remaining)
+            counts, samples = [min(left - 1, share) for left in remaining], False
+        if sum(counts) == 0:
+            return budget
+        batch.work.append((request, [(seq, n) for seq, n in zip(request.sequences, counts) if n > 0]))
+        if samples:
+            batch.sampling.append(request)
+        return budget - sum(counts)
+
+    def postprocess(self, batch: ScheduledBatch, logits: dict[Sequence, torch.Tensor],
+                    failed: dict[Request, BaseException]) -> list[Request]:
+        """All bookkeeping after the forwards; returns the requests whose output changed."""
+        for request, work in batch.work:
+            if request in failed:
+                self.finish(request, "error", failed[request])
+                continue
+            request.metrics.forward_passes += 1
+            for seq, count in work:
+                seq.num_computed += count
+                self.block_manager.commit(seq, seq.num_computed)
+        sampling = [r for r in batch.sampling if not r.is_finished]
+        rows = [DecodeRow(r.formula, r.plan, [logits[seq] for seq in r.sequences], r.params,
+                          r.seed, len(r.output_ids)) for r in sampling]
+        for request, token in zip(sampling, next_tokens(rows) if rows else []):
+            self._take_token(request, token)
+        return [request for request, _ in batch.work]
+
+    def _take_token(self, request: Request, token) -> None:
+        """Append a sampled token (or fail the request with the exception it raised)."""
+        try:
+            if isinstance(token, BaseException):
+                raise token
+            self.tokens_generated += 1
+            reason = request.append_token(token)
+        except Exception as error:  # this request fails alone
+            self.finish(request, "error", error)
+            return
+        if reason is not None:
+            self.finish(request, reason)
+
+    def preempt(self, request: Request) -> None:
+        """Free all the request's pages; it re-enters the queue first and recomputes later."""
+        for seq in request.sequences:
+            if self.block_manager.is_live(seq):
+                self.block_manager.preempt(seq)
+            seq.reset(request.output_ids)
+        self.running.remove(request)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request, reason: str, error: Optional[BaseException] = None) -> None:
+        """Mark done and return every page (in reverse order, so prefixes stay cached longest)."""
+        for seq in request.sequences:
+            if self.block_manager.is_live(seq):
+                self.block_manager.free(seq)
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.mark_finished(reason, error)

@@ -1,0 +1,35 @@
+"""Formula composition over stacked term logits: every row's formula turns its terms' raw
+logits into normalised log-probs. Rows with a plan share one fused combine call (the kernel
+dispatch picks C++ on CPU, Triton on CUDA); rows without one use Formula.log_probs."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..bindings.ops import combine
+from ..formula import Formula, Plan, stack_plans
+
+
+def stack_term_logits(term_logits: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Rows of per-term logits [V] -> [T_max, B, V]; missing slots are zeros (weight 0)."""
+    num_terms = max(len(row) for row in term_logits)
+    filler = torch.zeros_like(term_logits[0][0])
+    return torch.stack([torch.stack([row[slot] if slot < len(row) else filler for row in term_logits])
+                        for slot in range(num_terms)])
+
+
+def compose(formulas: Sequence[Formula], plans: Sequence[Optional[Plan]],
+            term_logits: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Normalised log-probs [B, V] (float32) of each row's formula on its terms' logits."""
+    stacked = stack_term_logits(term_logits)
+    planned = [row for row, plan in enumerate(plans) if plan is not None]
+    result = torch.empty(stacked.shape[1], stacked.shape[-1], dtype=torch.float32, device=stacked.device)
+    if planned:
+        plan_tensors = stack_plans([plans[row] for row in planned], device=stacked.device)
+        result[planned] = combine(stacked[:, planned].contiguous(), *plan_tensors)[0]
+    for row, formula in enumerate(formulas):
+        if plans[row] is None:
+            terms = len(term_logits[row])
+            result[row] = formula.log_probs(stacked[:terms, row: row + 1])[0]
+    return result

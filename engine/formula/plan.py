@@ -1,0 +1,122 @@
+"""Compile a formula into the flat plan the fused combine kernels evaluate.
+
+A plan has R = 1 + 2G linear row-blocks over the formula's T terms: row-block 0 is the
+top-level weighted sum, and each Union/Intersection group g combines row-blocks 1+2g and
+2+2g, scaled by its coefficient. Which node plays which part is read from the registry
+(plan_role); formulas outside this shape (TopPTopK, SelfDebias, Indicator, Classifier,
+nested groups) have no plan and are evaluated by Formula.log_probs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .node import Formula
+from .registry import node_info
+
+GROUP_KINDS = {"max": 1, "min": -1}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Weights [R][T], constants [R], group coefficients [G] and kinds (+1 max, -1 min)."""
+
+    terms: tuple
+    weights: tuple[tuple[float, ...], ...]
+    consts: tuple[float, ...]
+    group_coefs: tuple[float, ...]
+    group_kinds: tuple[int, ...]
+
+    @property
+    def num_row_blocks(self) -> int:
+        return len(self.consts)
+
+    def tensors(self, batch_size: int = 1, device="cpu"):
+        """The plan as kernel inputs for batch_size rows: ([B,R,T], [B,R], [B,G], [B,G])."""
+        return stack_plans([self] * batch_size, device=device)
+
+
+class _LinearBuilder:
+    """Accumulates one row-block: a weight per term and a constant."""
+
+    def __init__(self, terms: dict) -> None:
+        self.terms = terms
+        self.weights: dict[int, float] = {}
+        self.const = 0.0
+
+    def add(self, node: Formula, weight: float) -> bool:
+        """Add weight*node; False when node is not a plain linear combination of terms."""
+        role = node_info(node).plan_role
+        if role == "term":
+            index = self.terms.setdefault(node.canonical(), len(self.terms))
+            self.weights[index] = self.weights.get(index, 0.0) + weight
+            return True
+        if role == "constant":
+            self.const += weight * node.value
+            return True
+        if role == "linear":
+            return all(self.add(child, weight * child_weight) for child, child_weight in node.items)
+        return False
+
+    def row(self, num_terms: int) -> tuple[float, ...]:
+        return tuple(self.weights.get(t, 0.0) for t in range(num_terms))
+
+
+def compile_plan(formula: Formula) -> Optional[Plan]:
+    """The fused-kernel plan of a formula, or None when it needs the general evaluator."""
+    formula.validate()
+    terms: dict = {leaf: i for i, leaf in enumerate(formula.terms)}
+    top = _LinearBuilder(terms)
+    sides: list[tuple[_LinearBuilder, _LinearBuilder]] = []
+    coefs: list[float] = []
+    kinds: list[int] = []
+    linear = node_info(formula).plan_role == "linear"
+    for node, weight in (formula.items if linear else ((formula, 1.0),)):
+        role = node_info(node).plan_role
+        if role in GROUP_KINDS:
+            left, right = _LinearBuilder(terms), _LinearBuilder(terms)
+            if not (left.add(node.left, 1.0) and right.add(node.right, 1.0)):
+                return None
+            sides.append((left, right))
+            coefs.append(weight)
+            kinds.append(GROUP_KINDS[role])
+        elif not top.add(node, weight):
+            return None
+    num_terms = len(terms)
+    blocks = [top] + [builder for pair in sides for builder in pair]
+    return Plan(terms=tuple(terms), weights=tuple(b.row(num_terms) for b in blocks),
+                consts=tuple(b.const for b in blocks), group_coefs=tuple(coefs),
+                group_kinds=tuple(kinds))
+
+
+def stack_plans(plans: Sequence[Plan], device="cpu"):
+    """Per-row plans padded to a common shape: weights [B,R,T], consts [B,R], coefs/kinds [B,G].
+
+    Row b's terms occupy the first len(plans[b].terms) slots of the stacked logits; padding
+    slots get weight 0 (the kernels ignore their logits) and padding groups coefficient 0.
+    """
+    num_terms = max(len(p.terms) for p in plans)
+    num_groups = max(len(p.group_coefs) for p in plans)
+    num_blocks = 1 + 2 * num_groups
+    weights = torch.zeros(len(plans), num_blocks, num_terms, dtype=torch.float32)
+    consts = torch.zeros(len(plans), num_blocks, dtype=torch.float32)
+    coefs = torch.zeros(len(plans), num_groups, dtype=torch.float32)
+    kinds = torch.ones(len(plans), num_groups, dtype=torch.int32)
+    for row, plan in enumerate(plans):
+        block_weights = torch.tensor(plan.weights, dtype=torch.float32)
+        weights[row, : plan.num_row_blocks, : len(plan.terms)] = block_weights
+        consts[row, : plan.num_row_blocks] = torch.tensor(plan.consts)
+        coefs[row, : len(plan.group_coefs)] = torch.tensor(plan.group_coefs, dtype=torch.float32)
+        kinds[row, : len(plan.group_kinds)] = torch.tensor(plan.group_kinds, dtype=torch.int32)
+    return weights.to(device), consts.to(device), coefs.to(device), kinds.to(device)
+
+
+def served_by_engine(formula: Formula) -> Optional[str]:
+    """The op name of the first node the engine cannot serve, or None when it serves them all."""
+    for node in formula.nodes():
+        info = node_info(node)
+        if not info.engine:
+            return info.op
+    return None

@@ -1,0 +1,199 @@
+"""load_model: a Hugging Face directory (config.json + safetensors) or a .gguf file -> our model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lmarith.errors import LmarithError, ModelLoadError
+from lmarith.models.config import ModelConfig, eos_ids
+from lmarith.models.registry import MODEL_TYPES, lookup, model_class, parse_config
+
+if TYPE_CHECKING:
+    from lmarith.models.loading.gguf_file import GGUFFile
+
+Weights = Iterator[tuple[str, torch.Tensor]]
+
+# GGUF tensor name -> Hugging Face name; "{}" is the layer index.
+LLAMA_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "blk.{}.attn_norm": "model.layers.{}.input_layernorm",
+    "blk.{}.ffn_norm": "model.layers.{}.post_attention_layernorm",
+    "blk.{}.attn_q": "model.layers.{}.self_attn.q_proj",
+    "blk.{}.attn_k": "model.layers.{}.self_attn.k_proj",
+    "blk.{}.attn_v": "model.layers.{}.self_attn.v_proj",
+    "blk.{}.attn_output": "model.layers.{}.self_attn.o_proj",
+    "blk.{}.attn_q_norm": "model.layers.{}.self_attn.q_norm",
+    "blk.{}.attn_k_norm": "model.layers.{}.self_attn.k_norm",
+    "blk.{}.ffn_gate": "model.layers.{}.mlp.gate_proj",
+    "blk.{}.ffn_up": "model.layers.{}.mlp.up_proj",
+    "blk.{}.ffn_down": "model.layers.{}.mlp.down_proj",
+}
+GPT2_NAMES = {
+    "token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f", "output": "lm_head",
+    "blk.{}.attn_norm": "transformer.h.{}.ln_1", "blk.{}.attn_qkv": "transformer.h.{}.attn.c_attn",
+    "blk.{}.attn_output": "transformer.h.{}.attn.c_proj",
+    "blk.{}.ffn_norm": "transformer.h.{}.ln_2",
+    "blk.{}.ffn_up": "transformer.h.{}.mlp.c_fc", "blk.{}.ffn_down": "transformer.h.{}.mlp.c_proj",
+}
+ROPE_FACTORS = "rope_freqs.weight"
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """Our implementation of the model at path (HF directory or .gguf file), ready for inference.
+
+    Any failure is a ModelLoadError naming the path (UnsupportedModelError for an unknown
+    architecture)."""
+    if not Path(path).exists():
+        raise ModelLoadError(f"model path {path} does not exist; give a Hugging Face directory "
+                             "(config.json + *.safetensors) or a .gguf file")
+    try:
+        return _load(str(path), dtype, device)
+    except LmarithError:
+        raise
+    except Exception as error:  # a corrupt file can fail in any library: name the file
+        raise ModelLoadError(f"cannot load model {path}: {type(error).__name__}: {error}") from error
+
+
+def _load(path: str, dtype: torch.dtype, device: str) -> nn.Module:
+    if path.endswith(".gguf"):
+        from lmarith.models.loading.gguf_file import GGUFFile  # needs the gguf package
+        file = GGUFFile(str(path))
+        config = parse_config(gguf_raw_config(file), dtype)
+        model = build_model(config, device)
+        model.load_weights(gguf_weights(file, config))
+        if ROPE_FACTORS in file.tensors:
+            model.rotary.inv_freq = model.rotary.inv_freq / file.read(ROPE_FACTORS).to(device)
+    else:
+        config = parse_config(read_hf_config(Path(path)), dtype)
+        model = build_model(config, device)
+        model.load_weights(safetensors_weights(Path(path)))
+    return model.requires_grad_(False).eval()
+
+
+def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """Allocate the model's parameters (uninitialised, in config.dtype) without running inits."""
+    with torch.device("meta"):
+        model = model_class(config)(config, device)
+    model = model.to(dtype=config.dtype).to_empty(device=device)
+    model.tie_weights()
+    return model
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    """config.json, with generation_config.json's eos ids merged in."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{directory} has no config.json; give a Hugging Face model directory "
+                             "or a .gguf file")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {error}") from error
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{config_file} must hold a JSON object, got {type(raw).__name__}")
+    generation = directory / "generation_config.json"
+    if generation.exists():
+        extra = json.loads(generation.read_text()).get("eos_token_id")
+        raw["eos_token_id"] = list(eos_ids(raw.get("eos_token_id"), extra))
+    return raw
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """Weight files: those named by model.safetensors.index.json, else every *.safetensors."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / name for name in names]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {directory}")
+    return files
+
+
+def safetensors_weights(directory: Path) -> Weights:
+    """(name, tensor) for every tensor of every weight file, read lazily from memory maps."""
+    for file in safetensors_files(directory):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def gguf_raw_config(file: "GGUFFile") -> dict[str, Any]:
+    """A config.json-style dict built from GGUF metadata."""
+    meta, tensors = file.metadata, file.tensors
+    arch = meta["general.architecture"]
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    common = {
+        "architectures": [MODEL_TYPES.get(arch, f"gguf:{arch}")], "model_type": arch,
+        "vocab_size": get("vocab_size") or tensors["token_embd.weight"].shape[0],
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": list(eos_ids(meta.get("tokenizer.ggml.eos_token_id"),
+                                     meta.get("tokenizer.ggml.eot_token_id"))),
+    }
+    lookup(common["architectures"][0])
+    if arch == "gpt2":
+        return {**common, "n_embd": get("embedding_length"), "n_head": get("attention.head_count"),
+                "n_layer": get("block_count"), "n_positions": get("context_length"),
+                "n_inner": get("feed_forward_length"),
+                "layer_norm_epsilon": get("attention.layer_norm_epsilon", 1e-5)}
+    scaling = get("rope.scaling.type", "none")
+    return {**common, "hidden_size": get("embedding_length"),
+            "intermediate_size": get("feed_forward_length"),
+            "num_hidden_layers": get("block_count"),
+            "num_attention_heads": get("attention.head_count"),
+            "num_key_value_heads": get("attention.head_count_kv"),
+            "head_dim": get("attention.key_length"),
+            "max_position_embeddings": get("context_length"),
+            "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+            "rope_theta": get("rope.freq_base", 10000.0),
+            "rope_scaling": None if scaling == "none" else
+            {"rope_type": scaling, "factor": get("rope.scaling.factor", 1.0)},
+            "attention_bias": "blk.0.attn_output.bias" in tensors}
+
+
+def hf_name(name: str, table: dict[str, str]) -> str:
+    """Hugging Face name of a GGUF tensor name such as blk.3.attn_q.weight."""
+    stem, _, leaf = name.rpartition(".")
+    parts = stem.split(".")
+    layer = parts[1] if parts[0] == "blk" and len(parts) > 2 else None
+    key = f"blk.{{}}.{'.'.join(parts[2:])}" if layer is not None else stem
+    if key not in table:
+        raise ValueError(f"GGUF tensor {name!r} is not understood")
+    return f"{table[key].format(layer)}.{leaf}"
+
+
+def unpermute_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order (rotary pairs interleaved) into HF's rotate-half order."""
+    shape = tensor.shape
+    paired = tensor.reshape(heads, shape[0] // heads // 2, 2, *shape[1:])
+    return paired.transpose(1, 2).reshape(shape)
+
+
+def gguf_weights(file: "GGUFFile", config: ModelConfig) -> Weights:
+    """(HF name, float32 tensor in HF layout) for every GGUF tensor of a model."""
+    arch = file.metadata["general.architecture"]
+    table = GPT2_NAMES if arch == "gpt2" else LLAMA_NAMES
+    permuted = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+    if arch != "llama":  # llama.cpp permutes q/k rows only for Llama-style conversions
+        permuted = {}
+    for name in file.tensors:
+        if name == ROPE_FACTORS:
+            continue
+        tensor = file.read(name)
+        kind = name.split(".")[-2]
+        if kind in permuted:
+            tensor = unpermute_rows(tensor, permuted[kind])
+        if arch == "gpt2" and kind in ("attn_qkv", "attn_output", "ffn_up", "ffn_down") \
+                and name.endswith(".weight"):
+            tensor = tensor.t()
+        yield hf_name(name, table), tensor

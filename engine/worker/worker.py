@@ -1,0 +1,65 @@
+"""Worker: the models of one replica and the KV pool they share. It loads models (all of a
+request's or none, from any thread), gives each its view of the pool, and runs one batched
+forward per model per step, reporting a failing model's exception instead of raising it so
+that only the requests on that model fail."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Iterable, Optional, Union
+
+import torch
+
+from ..config import EngineConfig, ModelSpec
+from ..kv_cache.pool import KVCachePool
+from .model_runner import ForwardItem, ModelRunner
+
+
+class Worker:
+    """Loaded models (ModelRunner per ModelSpec), the KV pool, and the per-step forwards."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runners: dict[ModelSpec, ModelRunner] = {}
+        self.pool: Optional[KVCachePool] = None
+        self.forward_calls: Counter[ModelSpec] = Counter()
+        self._load_lock = threading.Lock()
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+
+    def load(self, specs: Iterable[ModelSpec]) -> None:
+        """Load every spec not loaded yet; if any fails, none of them is registered."""
+        with self._load_lock:
+            missing = [spec for spec in dict.fromkeys(specs) if spec not in self.runners]
+            loaded = {spec: ModelRunner(spec, self.config.device) for spec in missing}
+            self.runners.update(loaded)
+
+    def needs_new_pool(self, specs: Iterable[ModelSpec]) -> bool:
+        """True when there is no pool yet or one of these models' tokens does not fit a page."""
+        if self.pool is None:
+            return True
+        return any(not self.pool.fits(self.runners[spec].config) for spec in specs)
+
+    def build_pool(self) -> KVCachePool:
+        """A new arena sized for every loaded model (only while nothing holds pages)."""
+        configs = {spec: runner.config for spec, runner in self.runners.items()}
+        self.pool = KVCachePool(self.config.kv_cache_bytes, configs, self.config.page_tokens,
+                                self.config.device)
+        return self.pool
+
+    def attach(self, specs: Iterable[ModelSpec]) -> None:
+        """Give each model its view of the existing pool (no data moves)."""
+        for spec in specs:
+            self.pool.add_view(spec, self.runners[spec].config)
+
+    def execute(self, work: dict[ModelSpec, list[ForwardItem]]
+                ) -> dict[ModelSpec, Union[torch.Tensor, Exception]]:
+        """One forward per model: its logits rows in item order, or the exception it raised."""
+        results: dict[ModelSpec, Union[torch.Tensor, Exception]] = {}
+        for spec, items in work.items():
+            self.forward_calls[spec] += 1
+            try:
+                results[spec] = self.runners[spec].execute(items, self.pool.views[spec])
+            except Exception as error:  # isolate: only this model's requests fail
+                results[spec] = error
+        return results
