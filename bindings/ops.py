@@ -15,6 +15,7 @@ paged_attention(query [N,H,D], key_cache, value_cache, meta, scale, sliding_wind
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -80,8 +81,14 @@ def run(op: str, face: str, *args, **kwargs):
     return _FACES[op][face](*args, **kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _face_by_type(op: str, device_type: str, with_cpp: bool) -> Callable:
+    return _FACES[op][face_for(op, torch.device(device_type))]
+
+
 def _dispatch(op: str, device: torch.device) -> Callable:
-    return _FACES[op][face_for(op, device)]
+    """The face for inputs on this device (looked up once per op, device type and build)."""
+    return _face_by_type(op, device.type, cpp.available())
 
 
 def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,

@@ -10,7 +10,7 @@ import weakref
 from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
 
 from .config import EngineConfig, ModelSpec
-from .core import EngineLoop, LLMEngine, NewRequest, RequestUpdate
+from .core import EngineLoop, LLMEngine, NewRequest, RequestUpdate, Subscriber
 from .core.request_builder import check_formula, check_prompt
 from .errors import FormulaError, PromptError, SamplingParamsError
 from .formula import Formula, Model
@@ -94,7 +94,7 @@ class LLM:
             return []
         self._load(news)
         inboxes = [queue.SimpleQueue() for _ in news]
-        requests = self._loop.submit(news, [inbox.put for inbox in inboxes]).result()
+        requests = self._loop.submit(news, [Subscriber(inbox.put, final_only=True) for inbox in inboxes]).result()
         try:
             return [_final(inbox.get) for inbox in inboxes]
         finally:
@@ -108,7 +108,7 @@ class LLM:
         news = self._new_requests(prompt, formula, params)
         self._load(news)
         inbox: queue.SimpleQueue = queue.SimpleQueue()
-        [request] = self._loop.submit(news, [inbox.put]).result()
+        [request] = self._loop.submit(news, [Subscriber(inbox.put)]).result()
         return self._chunks(inbox, request)
 
     def _chunks(self, inbox: queue.SimpleQueue, request) -> Iterator[StreamChunk]:
@@ -129,7 +129,8 @@ class LLM:
             return []
         await asyncio.to_thread(self._load, news)
         inboxes, sinks = _async_inboxes(len(news))
-        requests = await asyncio.wrap_future(self._loop.submit(news, sinks))
+        subscribers = [Subscriber(sink, final_only=True) for sink in sinks]
+        requests = await asyncio.wrap_future(self._loop.submit(news, subscribers))
         try:
             return [await _afinal(inbox) for inbox in inboxes]
         finally:
@@ -141,8 +142,8 @@ class LLM:
         """stream() for asyncio (what the HTTP server uses); cancelling aborts the request."""
         news = self._new_requests(prompt, formula, params)
         await asyncio.to_thread(self._load, news)
-        [inbox], sinks = _async_inboxes(1)
-        [request] = await asyncio.wrap_future(self._loop.submit(news, sinks))
+        [inbox], [sink] = _async_inboxes(1)
+        [request] = await asyncio.wrap_future(self._loop.submit(news, [Subscriber(sink)]))
         try:
             while True:
                 update = await inbox.get()
@@ -161,19 +162,16 @@ def _chunk(update: RequestUpdate) -> StreamChunk:
 
 
 def _final(get: Callable[[], RequestUpdate]) -> RequestOutput:
-    while True:
-        update = get()
-        if update.output is not None:
-            _chunk(update)
-            return update.output
+    """The final output (the only update a final_only subscriber gets), or its error raised."""
+    update = get()
+    _chunk(update)
+    return update.output
 
 
 async def _afinal(inbox: asyncio.Queue) -> RequestOutput:
-    while True:
-        update = await inbox.get()
-        if update.output is not None:
-            _chunk(update)
-            return update.output
+    update = await inbox.get()
+    _chunk(update)
+    return update.output
 
 
 def _async_inboxes(count: int) -> tuple[list[asyncio.Queue], list[Callable[[RequestUpdate], None]]]:

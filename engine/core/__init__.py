@@ -5,10 +5,10 @@ sent and makes a Request (`request`) with one Sequence (`sequence`) per term, to
 `detokenizer` turns tokens into text with stop strings; `engine_loop` is the one thread that
 owns the engine, fed by any number of callers."""
 from .engine import LLMEngine, Submission
-from .engine_loop import EngineLoop, RequestUpdate
+from .engine_loop import EngineLoop, RequestUpdate, Subscriber
 from .request import Request, RequestStatus
 from .request_builder import NewRequest, RequestBuilder
 from .sequence import Sequence
 
 __all__ = ["EngineLoop", "LLMEngine", "NewRequest", "Request", "RequestBuilder", "RequestStatus",
-           "RequestUpdate", "Sequence", "Submission"]
+           "RequestUpdate", "Sequence", "Submission", "Subscriber"]

@@ -1,7 +1,8 @@
 """EngineLoop: the one thread that owns the engine. Callers on any thread (and the asyncio
 face) post commands: submit requests, abort one, read stats. Between commands the thread runs
 engine steps while any request is unfinished, and hands each request's new text and tokens to
-the sink its caller gave (a thread queue, or an asyncio queue via call_soon_threadsafe).
+the sink its caller gave (a thread queue, or an asyncio queue via call_soon_threadsafe);
+callers that want only the final output are not woken before it.
 Requests of all callers are batched together: continuous batching across callers."""
 from __future__ import annotations
 
@@ -34,13 +35,22 @@ class RequestUpdate:
 Sink = Callable[[RequestUpdate], None]
 
 
+@dataclass
+class Subscriber:
+    """Where a request's updates go; final_only callers (generate) are woken once, at the
+    end, instead of at every step (each wake-up makes the engine thread wait for the GIL)."""
+
+    sink: Sink
+    final_only: bool = False
+
+
 class EngineLoop:
     """A daemon thread running the engine; every method here is safe to call from any thread."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[Request, Sink] = {}
+        self._subscribers: dict[Request, Subscriber] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="lmarith-engine", daemon=True)
         self._thread.start()
@@ -53,7 +63,7 @@ class EngineLoop:
         self._commands.put((fn, future))
         return future
 
-    def submit(self, requests: Seq[NewRequest], sinks: Seq[Sink]) -> "Future[list[Request]]":
+    def submit(self, requests: Seq[NewRequest], subscribers: Seq[Subscriber]) -> "Future[list[Request]]":
         """Queue requests together (all or none); the future raises the validation error."""
         accepted_future: Future = Future()
 
@@ -61,7 +71,7 @@ class EngineLoop:
             if isinstance(result, BaseException):
                 accepted_future.set_exception(result)
                 return
-            self._sinks.update(zip(result, sinks))
+            self._subscribers.update(zip(result, subscribers))
             accepted_future.set_result(result)
 
         def never_ran(posted: Future) -> None:
@@ -132,21 +142,21 @@ class EngineLoop:
         self._deliver(changed)
 
     def _deliver(self, requests: Seq[Request]) -> None:
-        """Hand each request's news to its sink; a sink that fails cancels its request."""
+        """Hand each request's news to its subscriber; a sink that fails cancels its request."""
         for request in requests:
-            sink = self._sinks.get(request)
-            if sink is None:
+            subscriber = self._subscribers.get(request)
+            if subscriber is None or (subscriber.final_only and not request.is_finished):
                 continue
             chunk = request.take_chunk()
             if request.is_finished:
-                del self._sinks[request]
+                del self._subscribers[request]
                 update = RequestUpdate(chunk, request.output(), request.error)
             elif chunk.text or chunk.token_ids:
                 update = RequestUpdate(chunk)
             else:
                 continue
             try:
-                sink(update)
+                subscriber.sink(update)
             except Exception:  # the caller is gone (e.g. its event loop closed)
-                self._sinks.pop(request, None)
+                self._subscribers.pop(request, None)
                 self.engine.abort(request)
