@@ -105,7 +105,7 @@ class LLM:
                params: Optional[SamplingParams] = None) -> Iterator[StreamChunk]:
         """Yield text as it is generated; the last chunk carries the finish reason. Checks and
         queues the request now; closing the iterator early cancels it."""
-        news = self._new_requests(prompt, formula, params)
+        news = self._new_requests(_one_prompt(prompt), _one_formula(formula), params)
         self._load(news)
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         [request] = self._loop.submit(news, [Subscriber(inbox.put)]).result()
@@ -140,7 +140,7 @@ class LLM:
     async def astream(self, prompt: str, formula: Formula,
                       params: Optional[SamplingParams] = None) -> AsyncIterator[StreamChunk]:
         """stream() for asyncio (what the HTTP server uses); cancelling aborts the request."""
-        news = self._new_requests(prompt, formula, params)
+        news = self._new_requests(_one_prompt(prompt), _one_formula(formula), params)
         await asyncio.to_thread(self._load, news)
         [inbox], [sink] = _async_inboxes(1)
         [request] = await asyncio.wrap_future(self._loop.submit(news, [Subscriber(sink)]))
@@ -152,6 +152,19 @@ class LLM:
                     return
         finally:
             self._loop.abort(request)
+
+
+def _one_prompt(prompt) -> str:
+    if not isinstance(prompt, str):
+        raise PromptError(f"stream() takes one prompt string, got {type(prompt).__name__}; "
+                          "use generate() for a batch")
+    return prompt
+
+
+def _one_formula(formula) -> Formula:
+    if isinstance(formula, (list, tuple)):
+        raise FormulaError("stream() takes one formula, not a list; use generate() for a batch")
+    return formula
 
 
 def _chunk(update: RequestUpdate) -> StreamChunk:

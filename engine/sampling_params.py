@@ -1,6 +1,6 @@
-"""SamplingParams: how one request picks its tokens and when it stops. Immutable and checked
-when made (use dataclasses.replace to change a field), so what the engine reads is always
-what was validated."""
+"""SamplingParams: how one request picks its tokens and when it stops. Checked when made and
+immutable afterwards (dataclasses.replace makes a changed, re-checked copy), so what the
+engine reads, on its own thread, is always what was validated."""
 from __future__ import annotations
 
 import math
@@ -32,7 +32,7 @@ def _string_list(name: str, value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SamplingParams:
     """vLLM-like sampling settings. temperature 0 is greedy; top_k 0 (or above the
     vocabulary) and top_p 1 are off; stop strings end the text before them; stop_token_ids
@@ -55,6 +55,13 @@ class SamplingParams:
                f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         self.validate()
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_checked", False):
+            raise SamplingParamsError(f"SamplingParams cannot be changed after it is made; use "
+                                      f"dataclasses.replace(params, {name}=...) for a checked copy")
+        object.__setattr__(self, name, value)
 
     def validate(self) -> "SamplingParams":
         _check(_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
