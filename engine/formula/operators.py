@@ -26,7 +26,10 @@ class Union(Formula):
     left: Formula
     right: Formula
 
-    def __init__(self, left, right, *more) -> None:
+    def __init__(self, left=None, right=None, *more) -> None:
+        if left is None or right is None:
+            raise FormulaError(f"{type(self).__name__} needs at least two formulas, got "
+                               f"{sum(side is not None for side in (left, right))}")
         if more:
             left, right = type(self)(left, right), type(self)(*more) if len(more) > 1 else more[0]
         object.__setattr__(self, "left", as_formula(left))

@@ -55,7 +55,7 @@ class Model(Formula):
 
     def prompt(self, system: str, template: str = "{system}\n{input}") -> "Term":
         """A term whose context is tokenizer(template.format(system=system, input=text))."""
-        return Term(self, system, template)
+        return Term(self, system, check_template(template))
 
     def chat(self, system: Optional[str] = None) -> "Term":
         """A term whose context is the tokenizer's chat template with this system prompt."""
@@ -101,6 +101,9 @@ class Term(Formula):
             raise FormulaError(f"chat must be true or false, got {self.chat!r}")
         if self.chat and self.template is not None:
             raise FormulaError("a chat term uses the tokenizer's chat template; give no template")
+        if self.system is not None and self.template is None and not self.chat:
+            raise FormulaError(f"the system prompt {self.system!r} needs a template or chat=True; "
+                               "use model.prompt(system) or model.chat(system)")
 
     @property
     def spec(self) -> ModelSpec:

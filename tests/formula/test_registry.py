@@ -69,7 +69,7 @@ def test_registry_rejects_a_second_class_under_one_op():
     ('{"op": "linear", "items": [[{"op": "model", "path": "/m"}, Infinity]]}', "finite"),
     ('{"op": "linear", "items": {"a": 1}}', "must be a list"),
     ('{"op": "linear", "items": [[{"op": "model", "path": "/m"}]]}', "item 0 of a linear node"),
-    ('{"op": "union", "left": {"op": "model", "path": "/m"}}', "malformed formula JSON"),
+    ('{"op": "union", "left": {"op": "model", "path": "/m"}}', "needs at least two"),
     ('{"op": "term", "model": {"op": "model", "path": "/m"}, "template": "{foo} {input}"}',
      "unknown field"),
     ('{"op": "model", "path": "/m", "colour": "red"}', "unknown field"),
