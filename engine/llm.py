@@ -41,7 +41,7 @@ class LLM:
 
     def __init__(self, kv_cache_bytes: Optional[int] = 1 << 30, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, page_tokens: int = 16, device: str = "cpu",
-                 kv_cache_fraction: float = 0.2, models: Sequence = (),
+                 kv_cache_fraction: float = 0.2, models: Sequence[Union[Model, ModelSpec, str]] = (),
                  num_threads: Optional[int] = None) -> None:
         config = EngineConfig(kv_budget(kv_cache_bytes, kv_cache_fraction, device), max_num_seqs,
                               max_num_batched_tokens, page_tokens, device, num_threads)
@@ -83,6 +83,12 @@ class LLM:
         return [NewRequest(str(next(self._ids)), check_prompt(p), check_formula(f, max_terms), params)
                 for p, f in zip(prompts, formulas)]
 
+    def _abort_unfinished(self, requests) -> None:
+        """Cancel the requests of a call that ended early (an error, an interrupt)."""
+        for request in requests:
+            if not request.is_finished:
+                self._loop.abort(request)
+
     def _load(self, requests: list[NewRequest]) -> None:
         self.engine.load_models(t.spec for r in requests for t in r.formula.terms)
 
@@ -98,8 +104,7 @@ class LLM:
         try:
             return [_final(inbox.get) for inbox in inboxes]
         finally:
-            for request in requests:
-                self._loop.abort(request)
+            self._abort_unfinished(requests)
 
     def stream(self, prompt: str, formula: Formula,
                params: Optional[SamplingParams] = None) -> Iterator[StreamChunk]:
@@ -134,8 +139,7 @@ class LLM:
         try:
             return [await _afinal(inbox) for inbox in inboxes]
         finally:
-            for request in requests:
-                self._loop.abort(request)
+            self._abort_unfinished(requests)
 
     async def astream(self, prompt: str, formula: Formula,
                       params: Optional[SamplingParams] = None) -> AsyncIterator[StreamChunk]:

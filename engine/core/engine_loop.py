@@ -22,7 +22,6 @@ T = TypeVar("T")
 _STOP = object()
 
 
-
 @dataclass
 class RequestUpdate:
     """What a caller receives: a chunk; with the final output (and error, if it failed) last."""
@@ -37,8 +36,8 @@ Sink = Callable[[RequestUpdate], None]
 
 @dataclass
 class Subscriber:
-    """Where a request's updates go; final_only callers (generate) are woken once, at the
-    end, instead of at every step (each wake-up makes the engine thread wait for the GIL)."""
+    """Where a request's updates go; final_only callers (generate) get one update, the final
+    output, instead of one per step."""
 
     sink: Sink
     final_only: bool = False

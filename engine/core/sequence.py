@@ -4,7 +4,10 @@ table of pages holding their KV, and how many of them are computed. Ids come fro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Hashable, Optional
+
+if TYPE_CHECKING:
+    from ..formula import Term
 
 
 @dataclass(eq=False)
@@ -13,11 +16,11 @@ class Sequence:
     prompt_len ids are the term's context; later ones are the request's generated tokens."""
 
     seq_id: int
-    model: Any                       # the ModelSpec whose KV the pages hold
+    model: Hashable                  # the ModelSpec whose KV the pages hold
     page_size: int                   # tokens per page for that model
     token_ids: list[int]
     prompt_len: int = 0
-    term: Optional[Any] = None       # the formula Term this sequence computes
+    term: Optional["Term"] = None    # the formula Term this sequence computes
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     num_cached_tokens: int = 0       # prefix-cache hit at the last allocation
