@@ -37,7 +37,8 @@ def _check_tensors(tensors: dict[str, object]) -> None:
 
 
 def validate_combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
-                      group_coefs: torch.Tensor, group_kinds: torch.Tensor, **face_options) -> torch.device:
+                      group_coefs: torch.Tensor, group_kinds: torch.Tensor,
+                      **face_options) -> torch.device:
     """Checks the plan's shapes against logits [T, B, V]; returns the common device."""
     named = {"logits": logits, "weights": weights, "consts": consts,
              "group_coefs": group_coefs, "group_kinds": group_kinds}
@@ -94,7 +95,8 @@ def validate_store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
              "slot_pages": slot_pages, "slot_offsets": slot_offsets}
     _check_tensors(named)
     if key.dim() != 3 or key.shape != value.shape:
-        raise ValueError(f"key/value must both be [N, KVH, D], got {list(key.shape)} and {list(value.shape)}")
+        raise ValueError(f"key/value must both be [N, KVH, D], got {list(key.shape)} and "
+                         f"{list(value.shape)}")
     if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
         raise ValueError(f"caches must both be [P, page_size, KVH, D], got {list(key_cache.shape)} "
                          f"and {list(value_cache.shape)}")
@@ -122,9 +124,11 @@ def validate_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value
     if key_cache.shape[3] != query.shape[2]:
         raise ValueError(f"head_dim mismatch: query {query.shape[2]}, cache {key_cache.shape[3]}")
     if query.shape[1] % key_cache.shape[2] != 0:
-        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key_cache.shape[2]} kv heads")
+        raise ValueError(f"{query.shape[1]} query heads are not a multiple of "
+                         f"{key_cache.shape[2]} kv heads")
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
         raise ValueError(f"sliding_window must be None or a positive integer, got {sliding_window!r}")
     if query.shape[0] != meta.slot_pages.shape[0]:
-        raise ValueError(f"query has {query.shape[0]} rows but the metadata {meta.slot_pages.shape[0]} tokens")
+        raise ValueError(f"query has {query.shape[0]} rows but the metadata "
+                         f"{meta.slot_pages.shape[0]} tokens")
     return _check_same_device(named)

@@ -100,7 +100,8 @@ class LLM:
             return []
         self._load(news)
         inboxes = [queue.SimpleQueue() for _ in news]
-        requests = self._loop.submit(news, [Subscriber(inbox.put, final_only=True) for inbox in inboxes]).result()
+        subscribers = [Subscriber(inbox.put, final_only=True) for inbox in inboxes]
+        requests = self._loop.submit(news, subscribers).result()
         try:
             return [_final(inbox.get) for inbox in inboxes]
         finally:

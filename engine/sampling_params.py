@@ -64,7 +64,8 @@ class SamplingParams:
         object.__setattr__(self, name, value)
 
     def validate(self) -> "SamplingParams":
-        _check(_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
+        _check(_is_number(self.temperature) and math.isfinite(self.temperature)
+               and self.temperature >= 0,
                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         _check(_is_integer(self.max_tokens) and 1 <= self.max_tokens < 2 ** 31,
                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
@@ -76,5 +77,6 @@ class SamplingParams:
                f"min_p must be a number in [0, 1] (0 = off), got {self.min_p!r}")
         _check(self.seed is None or (_is_integer(self.seed) and 0 <= self.seed < 2 ** 63),
                f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
-        _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        _check(isinstance(self.ignore_eos, bool),
+               f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         return self

@@ -117,7 +117,8 @@ class LLMEngine:
         self._admit_deferred()
         return changed
 
-    def _execute(self, batch: ScheduledBatch) -> tuple[dict[Sequence, torch.Tensor], dict[Request, BaseException]]:
+    def _execute(self, batch: ScheduledBatch
+                 ) -> tuple[dict[Sequence, torch.Tensor], dict[Request, BaseException]]:
         """One forward per model; each sequence that samples gets its logits row, and every
         request with a term on a model whose forward raised is reported as failed."""
         work: dict[ModelSpec, list[tuple[Request, Sequence, ForwardItem]]] = {}
@@ -127,7 +128,8 @@ class LLMEngine:
                 item = ForwardItem(seq.token_ids, seq.block_table, seq.num_computed, count,
                                    num_logits=1 if id(request) in sampling else 0)
                 work.setdefault(seq.model, []).append((request, seq, item))
-        results = self.worker.execute({spec: [item for _, _, item in entries] for spec, entries in work.items()})
+        results = self.worker.execute({spec: [item for _, _, item in entries]
+                                       for spec, entries in work.items()})
         logits: dict[Sequence, torch.Tensor] = {}
         failed: dict[Request, BaseException] = {}
         for spec, entries in work.items():
@@ -157,9 +159,10 @@ class LLMEngine:
 
     def fail_all(self, error: BaseException) -> list[Request]:
         """Fail every queued and running request (after an unexpected engine failure)."""
-        doomed = [] if self.scheduler is None else list(self.scheduler.running) + list(self.scheduler.waiting)
+        scheduler = self.scheduler
+        doomed = [] if scheduler is None else list(scheduler.running) + list(scheduler.waiting)
         for request in doomed:
-            self.scheduler.finish(request, "error", error)
+            scheduler.finish(request, "error", error)
         while self._deferred:
             self._deferred.popleft().accepted(error)
         return doomed
@@ -173,7 +176,8 @@ class LLMEngine:
         stats.kv_pages_total, stats.kv_pages_free = manager.num_pages, manager.num_free_pages
         stats.kv_pages_cached = manager.num_cached_free_pages
         stats.requests_running = len(self.scheduler.running)
-        stats.requests_waiting = len(self.scheduler.waiting) + sum(len(s.requests) for s in self._deferred)
+        deferred = sum(len(submission.requests) for submission in self._deferred)
+        stats.requests_waiting = len(self.scheduler.waiting) + deferred
         stats.preemptions = self.scheduler.num_preemptions
         stats.tokens_generated = self.scheduler.tokens_generated
         stats.prefix_cache_hit_tokens = self.scheduler.prefix_cache_hit_tokens

@@ -76,7 +76,8 @@ class EngineLoop:
         def never_ran(posted: Future) -> None:
             if posted.exception() is not None and not accepted_future.done():
                 accepted_future.set_exception(posted.exception())
-        self.call(lambda: self.engine.submit(Submission(list(requests), accepted))).add_done_callback(never_ran)
+        posted = self.call(lambda: self.engine.submit(Submission(list(requests), accepted)))
+        posted.add_done_callback(never_ran)
         return accepted_future
 
     def abort(self, request: Request) -> None:
