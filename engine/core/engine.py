@@ -101,9 +101,12 @@ class LLMEngine:
             self._accept(submission)
 
     def _new_pool(self) -> None:
+        """A new arena and a scheduler over it (the running totals carry over)."""
         pool = self.worker.build_pool()
+        counters = self.scheduler.counters if self.scheduler is not None else None
         self.scheduler = Scheduler(BlockManager(pool.num_pages), pool.copy_page,
-                                   self.config.max_num_seqs, self.config.max_num_batched_tokens)
+                                   self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   counters)
 
     def step(self) -> list[Request]:
         """Run one step; returns the requests whose output changed."""
@@ -178,8 +181,8 @@ class LLMEngine:
         stats.requests_running = len(self.scheduler.running)
         deferred = sum(len(submission.requests) for submission in self._deferred)
         stats.requests_waiting = len(self.scheduler.waiting) + deferred
-        stats.preemptions = self.scheduler.num_preemptions
-        stats.tokens_generated = self.scheduler.tokens_generated
-        stats.prefix_cache_hit_tokens = self.scheduler.prefix_cache_hit_tokens
+        counters = self.scheduler.counters
+        stats.preemptions, stats.tokens_generated = counters.preemptions, counters.tokens_generated
+        stats.prefix_cache_hit_tokens = counters.prefix_cache_hit_tokens
         stats.kv_page_tokens = {spec: view.page_size for spec, view in pool.views.items()}
         return stats

@@ -18,6 +18,15 @@ from .sequence import Sequence
 
 
 @dataclass
+class SchedulerCounters:
+    """Running totals for EngineStats; they outlive a scheduler when the pool is rebuilt."""
+
+    preemptions: int = 0
+    tokens_generated: int = 0
+    prefix_cache_hit_tokens: int = 0
+
+
+@dataclass
 class ScheduledBatch:
     """What one step computes: (sequence, new token count) per request, and which requests
     have all their terms' last positions computed, so sample a token."""
@@ -34,16 +43,15 @@ class Scheduler:
     """Continuous batching over requests whose terms may live on several models."""
 
     def __init__(self, block_manager: BlockManager, copy_page: Callable[[int, int], None],
-                 max_num_seqs: int, max_num_batched_tokens: int) -> None:
+                 max_num_seqs: int, max_num_batched_tokens: int,
+                 counters: Optional[SchedulerCounters] = None) -> None:
         self.block_manager = block_manager
         self.copy_page = copy_page
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.num_preemptions = 0
-        self.tokens_generated = 0
-        self.prefix_cache_hit_tokens = 0
+        self.counters = counters or SchedulerCounters()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -70,7 +78,7 @@ class Scheduler:
     def _admit(self, request: Request) -> None:
         for seq in request.sequences:
             seq.num_computed = self.block_manager.allocate(seq)
-            self.prefix_cache_hit_tokens += seq.num_computed
+            self.counters.prefix_cache_hit_tokens += seq.num_computed
             if request.num_preemptions == 0:
                 request.metrics.cached_prompt_tokens += min(seq.num_computed, seq.prompt_len)
         request.status = RequestStatus.RUNNING
@@ -132,7 +140,7 @@ class Scheduler:
         try:
             if isinstance(token, BaseException):
                 raise token
-            self.tokens_generated += 1
+            self.counters.tokens_generated += 1
             reason = request.append_token(token)
         except Exception as error:  # this request fails alone
             self.finish(request, "error", error)
@@ -149,7 +157,7 @@ class Scheduler:
         self.running.remove(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
-        self.num_preemptions += 1
+        self.counters.preemptions += 1
         self.waiting.appendleft(request)
 
     def finish(self, request: Request, reason: str, error: Optional[BaseException] = None) -> None:

@@ -41,7 +41,9 @@ def test_a_model_needing_bigger_pages_waits_for_the_running_requests(llama_dir, 
     outputs, error = call_alongside(llm, lambda: llm.generate([PROMPT], huge, GREEDY))
     assert error is None and outputs[0].token_ids == expected_huge
     assert _tokens([first, *stream]) == expected_small
-    assert llm.stats().kv_page_tokens == {small.spec: 32, huge.spec: 4}, "pages resized for both"
+    stats = llm.stats()
+    assert stats.kv_page_tokens == {small.spec: 32, huge.spec: 4}, "pages resized for both"
+    assert stats.tokens_generated == len(expected_small) + len(expected_huge), "totals survive the rebuild"
     assert_all_pages_free(llm)
 
 
