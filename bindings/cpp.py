@@ -35,8 +35,7 @@ def require(device: torch.device, face: str) -> None:
 
 
 def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
-                           group_coefs: torch.Tensor, group_kinds: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+            group_coefs: torch.Tensor, group_kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs lmarith._C.combine on validated CPU inputs (bf16 logits pass as raw bits)."""
     num_terms, batch, vocab = logits.shape
     num_groups = group_coefs.shape[1]
@@ -57,8 +56,8 @@ def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
 
 
 def sample(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                          top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
-                          step: torch.Tensor) -> torch.Tensor:
+           top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+           step: torch.Tensor) -> torch.Tensor:
     """Runs lmarith._C.sample on validated CPU inputs."""
     batch, vocab = log_probs.shape
     log_probs = _contiguous(log_probs, torch.float32)

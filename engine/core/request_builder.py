@@ -99,9 +99,9 @@ class RequestBuilder:
                         prompt_len=len(context), term=term)
 
     def _check_fits(self, request: Request) -> None:
-        num_pages = self.worker.pool.num_pages
-        if request.pages_needed() > num_pages:
+        num_pages, needed = self.worker.pool.num_pages, request.pages_needed()
+        if needed > num_pages:
             raise CacheExhaustedError(
-                f"request {request.request_id} needs {request.pages_needed()} KV pages for its "
+                f"request {request.request_id} needs {needed} KV pages for its "
                 f"prompt and max_tokens across {len(request.sequences)} terms, but the pool has "
                 f"{num_pages}; raise kv_cache_bytes or lower max_tokens")
