@@ -132,3 +132,34 @@ def validate_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value
         raise ValueError(f"query has {query.shape[0]} rows but the metadata "
                          f"{meta.slot_pages.shape[0]} tokens")
     return _check_same_device(named)
+
+
+def validate_spec_accept(target_log_probs: torch.Tensor, draft_log_probs: torch.Tensor,
+                         draft_tokens: torch.Tensor, num_drafts: torch.Tensor, seed: torch.Tensor,
+                         step: torch.Tensor, greedy: torch.Tensor, **face_options) -> torch.device:
+    """target [B, K+1, V] and draft [B, K, V] log-probs, tokens [B, K], per-row [B] controls."""
+    named = {"target_log_probs": target_log_probs, "draft_log_probs": draft_log_probs,
+             "draft_tokens": draft_tokens, "num_drafts": num_drafts, "seed": seed, "step": step,
+             "greedy": greedy}
+    _check_tensors(named)
+    if target_log_probs.dim() != 3 or target_log_probs.shape[1] < 1:
+        raise ValueError(f"target_log_probs must be [B, K+1, V], got {list(target_log_probs.shape)}")
+    batch, positions, vocab = target_log_probs.shape
+    if vocab == 0 or vocab >= 2 ** 31:
+        raise ValueError(f"the vocabulary must have 1 to 2**31 - 1 tokens, got {vocab}")
+    _check_shape("draft_log_probs", draft_log_probs, (batch, positions - 1, vocab))
+    _check_shape("draft_tokens", draft_tokens, (batch, positions - 1))
+    for name in ("target_log_probs", "draft_log_probs"):
+        _check_dtype(name, named[name], _FLOAT_DTYPES, "a floating-point")
+    _check_dtype("draft_tokens", draft_tokens, _INT_DTYPES, "an integer")
+    for name in ("num_drafts", "seed", "step"):
+        _check_shape(name, named[name], (batch,))
+        _check_dtype(name, named[name], _INT_DTYPES, "an integer")
+    _check_shape("greedy", greedy, (batch,))
+    _check_dtype("greedy", greedy, (torch.bool,), "a bool")
+    device = _check_same_device(named)
+    if batch and positions > 1 and ((draft_tokens < 0) | (draft_tokens >= vocab)).any():
+        raise ValueError(f"draft_tokens must lie in [0, {vocab})")
+    if batch and ((num_drafts < 0) | (num_drafts > positions - 1)).any():
+        raise ValueError(f"num_drafts must lie in [0, {positions - 1}] (K)")
+    return device

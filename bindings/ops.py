@@ -12,6 +12,8 @@ combine(logits [T,B,V], weights [B,R,T], consts [B,R], group_coefs [B,G], group_
 sample(log_probs [B,V], temperature, top_k, top_p, min_p, seed, step [B]) -> tokens [B] int64
 store_kv(key, value [N,KVH,D], key_cache, value_cache [P,page,KVH,D], slot_pages, slot_offsets [N])
 paged_attention(query [N,H,D], key_cache, value_cache, meta, scale, sliding_window) -> [N,H,D]
+spec_accept(target [B,K+1,V], draft [B,K,V], draft_tokens [B,K], num_drafts, seed, step, greedy [B])
+    -> (num_accepted [B] int32, next_token [B] int64)      semantics: kernels/reference_speculative.py
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ from typing import Callable
 import torch
 
 from lmarith.bindings import checks, cpp
-from lmarith.kernels import reference, reference_attention
+from lmarith.kernels import reference, reference_attention, reference_speculative
 
-__all__ = ["combine", "sample", "store_kv", "paged_attention", "run", "faces", "face_for",
+__all__ = ["combine", "sample", "store_kv", "paged_attention", "spec_accept", "run", "faces", "face_for",
            "combine_cpp", "sample_cpp", "cpp_available"]
 
 
@@ -47,9 +49,11 @@ _FACES: dict[str, dict[str, Callable]] = {
     "store_kv": {"torch": reference_attention.store_kv, "triton": _triton("store_kv", "store_kv")},
     "paged_attention": {"torch": reference_attention.paged_attention,
                         "triton": _triton("paged_attention", "paged_attention")},
+    "spec_accept": {"torch": reference_speculative.spec_accept},
 }
 _CHECKS = {"combine": checks.validate_combine, "sample": checks.validate_sample,
-           "store_kv": checks.validate_store_kv, "paged_attention": checks.validate_paged_attention}
+           "store_kv": checks.validate_store_kv, "paged_attention": checks.validate_paged_attention,
+           "spec_accept": checks.validate_spec_accept}
 
 
 def cpp_available() -> bool:
@@ -119,6 +123,15 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     device = checks.validate_paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
     return _dispatch("paged_attention", device)(query, key_cache, value_cache, meta, scale,
                                                 sliding_window)
+
+
+def spec_accept(target_log_probs: torch.Tensor, draft_log_probs: torch.Tensor,
+                draft_tokens: torch.Tensor, num_drafts: torch.Tensor, seed: torch.Tensor,
+                step: torch.Tensor, greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify each row's proposals exactly -> (accepted counts [B], corrected/bonus token [B])."""
+    args = (target_log_probs, draft_log_probs, draft_tokens, num_drafts, seed, step, greedy)
+    device = checks.validate_spec_accept(*args)
+    return _dispatch("spec_accept", device)(*args)
 
 
 def combine_cpp(*args) -> tuple[torch.Tensor, torch.Tensor]:

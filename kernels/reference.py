@@ -138,12 +138,10 @@ def _top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return (mass_greater < top_p.double()[:, None]) | (top_p[:, None] >= 1.0)
 
 
-def sample(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-           top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
-           step: torch.Tensor) -> torch.Tensor:
-    """Draw one token per row; see the module docstring for the exact rule."""
+def _kept(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+          top_p: torch.Tensor, min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_probs / T, mask of the tokens temperature, top-k, top-p and min-p keep)."""
     log_probs = log_probs.float()
-    greedy = torch.argmax(log_probs, dim=-1)
     safe_t = torch.where(temperature > 0, temperature, 1.0).float()[:, None]
     scaled = log_probs / safe_t
     keep = _top_k_mask(scaled, top_k) & torch.isfinite(scaled)
@@ -152,6 +150,25 @@ def sample(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
     keep &= _top_p_mask(probs, top_p.float())
     max_prob = probs.max(dim=-1, keepdim=True).values
     keep &= probs >= min_p.float()[:, None] * max_prob
+    return scaled, keep
+
+
+def filtered_log_probs(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """The law `sample` draws from, as normalised log-probs [B, V] (-inf where filtered out).
+    Greedy rows (temperature <= 0) come back as log_probs, unfiltered: they use the argmax."""
+    scaled, keep = _kept(log_probs, temperature, top_k, top_p, min_p)
+    law = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
+    law = torch.where(torch.isnan(law), float("-inf"), law)
+    return torch.where((temperature > 0)[:, None], law, log_probs.float())
+
+
+def sample(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+           top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+           step: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row; see the module docstring for the exact rule."""
+    greedy = torch.argmax(log_probs.float(), dim=-1)
+    scaled, keep = _kept(log_probs, temperature, top_k, top_p, min_p)
     keys = torch.where(keep, scaled + gumbel(seed, step, scaled.shape[-1]), float("-inf"))
     raced = torch.argmax(keys, dim=-1)
     return torch.where(temperature > 0, raced, greedy)
