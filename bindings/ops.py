@@ -49,7 +49,9 @@ _FACES: dict[str, dict[str, Callable]] = {
     "store_kv": {"torch": reference_attention.store_kv, "triton": _triton("store_kv", "store_kv")},
     "paged_attention": {"torch": reference_attention.paged_attention,
                         "triton": _triton("paged_attention", "paged_attention")},
-    "spec_accept": {"torch": reference_speculative.spec_accept},
+    "spec_accept": {"torch": reference_speculative.spec_accept,
+                    "triton": _triton("spec_accept", "spec_accept"),
+                    "cpp": lambda *args: cpp.spec_accept(*args)},
 }
 _CHECKS = {"combine": checks.validate_combine, "sample": checks.validate_sample,
            "store_kv": checks.validate_store_kv, "paged_attention": checks.validate_paged_attention,

@@ -8,7 +8,8 @@ from .errors import (CacheExhaustedError, ConfigError, EngineError, FormulaError
                      ModelLoadError, PromptError, RequestAbortedError, SamplingParamsError,
                      UnsupportedModelError)
 from .formula import (Classifier, ClassifierSpec, Constant, Formula, Indicator, Intersection, Linear,
-                      Max, Min, Model, Plan, SelfDebias, Term, TopPTopK, Union, compile_plan)
+                      Max, Min, Model, NgramDraft, Plan, SelfDebias, Speculative, Term, TopPTopK,
+                      Union, compile_plan)
 from .llm import LLM
 from .outputs import EngineStats, RequestMetrics, RequestOutput, StreamChunk
 from .sampling_params import SamplingParams
@@ -16,8 +17,8 @@ from .sampling_params import SamplingParams
 __all__ = [
     "CacheExhaustedError", "Classifier", "ClassifierSpec", "ConfigError", "Constant", "EngineConfig",
     "EngineError", "EngineStats", "Formula", "FormulaError", "Indicator", "Intersection", "LLM",
-    "Linear", "LmarithError", "Max", "Min", "Model", "ModelLoadError", "ModelSpec", "Plan",
+    "Linear", "LmarithError", "Max", "Min", "Model", "ModelLoadError", "ModelSpec", "NgramDraft", "Plan",
     "PromptError", "RequestAbortedError", "RequestMetrics", "RequestOutput", "SamplingParams",
-    "SamplingParamsError", "SelfDebias", "StreamChunk", "Term", "TopPTopK", "Union",
+    "SamplingParamsError", "SelfDebias", "Speculative", "StreamChunk", "Term", "TopPTopK", "Union",
     "UnsupportedModelError", "compile_plan",
 ]

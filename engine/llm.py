@@ -20,6 +20,7 @@ from .sampling_params import SamplingParams
 
 Prompts = Union[str, Sequence[str]]
 Formulas = Union[Formula, Sequence[Formula]]
+Params = Union[SamplingParams, Sequence[SamplingParams], None]
 
 
 def _model_spec(model: Union[Model, ModelSpec, str]) -> ModelSpec:
@@ -66,7 +67,7 @@ class LLM:
         return self._loop.call(self.engine.stats).result()
 
     def _new_requests(self, prompts: Prompts, formula: Formulas,
-                      params: Optional[SamplingParams]) -> list[NewRequest]:
+                      params: Params) -> list[NewRequest]:
         """Check the call's inputs (types, formulas, prompts) before anything loads or queues."""
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -77,11 +78,17 @@ class LLM:
             raise FormulaError(f"got {len(prompts)} prompts but {len(formulas)} formulas; give one "
                                "formula, or one per prompt")
         params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise SamplingParamsError(f"params must be a SamplingParams, got {type(params).__name__}")
+        many = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(many) != len(prompts):
+            raise SamplingParamsError(f"got {len(prompts)} prompts but {len(many)} SamplingParams; "
+                                      "give one, or one per prompt")
+        for item in many:
+            if not isinstance(item, SamplingParams):
+                raise SamplingParamsError(f"params must be a SamplingParams (or one per prompt), "
+                                          f"got {type(item).__name__}")
         max_terms = self.config.max_num_batched_tokens
-        return [NewRequest(str(next(self._ids)), check_prompt(p), check_formula(f, max_terms), params)
-                for p, f in zip(prompts, formulas)]
+        return [NewRequest(str(next(self._ids)), check_prompt(p), check_formula(f, max_terms), sp)
+                for p, f, sp in zip(prompts, formulas, many)]
 
     def _abort_unfinished(self, requests) -> None:
         """Cancel the requests of a call that ended early (an error, an interrupt)."""
@@ -93,8 +100,8 @@ class LLM:
         self.engine.load_models(t.spec for r in requests for t in r.formula.terms)
 
     def generate(self, prompts: Prompts, formula: Formulas,
-                 params: Optional[SamplingParams] = None) -> list[RequestOutput]:
-        """Decode every prompt (each with its formula, or one formula for all) to completion."""
+                 params: Params = None) -> list[RequestOutput]:
+        """Decode every prompt (each with its formula and params, or one for all) to completion."""
         news = self._new_requests(prompts, formula, params)
         if not news:
             return []
@@ -128,7 +135,7 @@ class LLM:
             self._loop.abort(request)
 
     async def agenerate(self, prompts: Prompts, formula: Formulas,
-                        params: Optional[SamplingParams] = None) -> list[RequestOutput]:
+                        params: Params = None) -> list[RequestOutput]:
         """generate() for asyncio: waits without blocking the event loop; cancelling aborts."""
         news = self._new_requests(prompts, formula, params)
         if not news:

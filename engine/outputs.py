@@ -13,6 +13,9 @@ class RequestMetrics:
     prompt_tokens: int = 0            # context tokens of all terms
     cached_prompt_tokens: int = 0     # of them, found in the prefix cache at admission
     forward_passes: int = 0           # steps in which any of the request's terms ran
+    term_forward_passes: list[int] = field(default_factory=list)  # per term (formula.terms order)
+    proposed_tokens: int = 0          # speculative tokens checked by a verification
+    accepted_tokens: int = 0          # of them, accepted
     time_to_first_token: Optional[float] = None   # seconds from submission to the first token
     decode_time: Optional[float] = None           # seconds from the first token to the finish
 
@@ -51,5 +54,7 @@ class EngineStats:
     preemptions: int = 0
     tokens_generated: int = 0
     prefix_cache_hit_tokens: int = 0
+    proposed_tokens: int = 0          # speculative tokens verified, over all requests
+    accepted_tokens: int = 0
     forward_calls: dict[Any, int] = field(default_factory=dict)   # per ModelSpec
     kv_page_tokens: dict[Any, int] = field(default_factory=dict)  # tokens per page, per ModelSpec

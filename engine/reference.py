@@ -125,3 +125,31 @@ def _classifier_scores(scorer: ClassifierScorer, tokenizer, prompt: str, generat
             rows.append(log_probs[1:] - log_probs[0])
         return torch.stack(rows)
     return score
+
+
+def joint_law(formula: Formula, prompt: str, num_tokens: int, *, temperature: float = 1.0,
+              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+              models: Optional[dict] = None) -> dict[tuple[int, ...], float]:
+    """The exact probability of each sequence of the first num_tokens tokens under the
+    formula and the sampler's filters (EOS not special), enumerated prefix by prefix: the
+    law a statistical test of the engine compares its samples with."""
+    terms = formula.validate().terms
+    models = models if models is not None else {}
+    for term in terms:
+        if term.model not in models:
+            models[term.model] = load_hf_model(term.model)
+    vocab_size = check_same_vocabulary({t.model: models[t.model][1] for t in terms})
+    contexts = [term_context_ids(t, models[t.model][1], prompt) for t in terms]
+    controls = (torch.tensor([temperature]), torch.tensor([top_k], dtype=torch.int32),
+                torch.tensor([top_p]), torch.tensor([min_p]))
+    law = {(): 1.0}
+    for _ in range(num_tokens):
+        grown = {}
+        for prefix, mass in law.items():
+            stacked = torch.stack([_last_logits(models[t.model][0], ctx + list(prefix), vocab_size)
+                                   for t, ctx in zip(terms, contexts)])[:, None, :]
+            probs = kernel_reference.filtered_log_probs(formula.log_probs(stacked), *controls).exp()[0]
+            for token in torch.nonzero(probs > 0).flatten().tolist():
+                grown[prefix + (token,)] = mass * float(probs[token])
+        law = grown
+    return law

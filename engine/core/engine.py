@@ -122,14 +122,13 @@ class LLMEngine:
 
     def _execute(self, batch: ScheduledBatch
                  ) -> tuple[dict[Sequence, torch.Tensor], dict[Request, BaseException]]:
-        """One forward per model; each sequence that samples gets its logits row, and every
+        """One forward per model; each sequence that wants logits gets its rows, and every
         request with a term on a model whose forward raised is reported as failed."""
         work: dict[ModelSpec, list[tuple[Request, Sequence, ForwardItem]]] = {}
-        sampling = set(map(id, batch.sampling))
         for request, pieces in batch.work:
-            for seq, count in pieces:
+            for seq, count, wanted in pieces:
                 item = ForwardItem(seq.token_ids, seq.block_table, seq.num_computed, count,
-                                   num_logits=1 if id(request) in sampling else 0)
+                                   num_logits=wanted)
                 work.setdefault(seq.model, []).append((request, seq, item))
         results = self.worker.execute({spec: [item for _, _, item in entries]
                                        for spec, entries in work.items()})
@@ -140,8 +139,10 @@ class LLMEngine:
             if isinstance(rows, BaseException):
                 failed.update((request, rows) for request, _, _ in entries)
                 continue
-            wanting = [seq for _, seq, item in entries if item.num_logits]
-            logits.update(zip(wanting, rows))
+            sizes = [item.num_logits for _, _, item in entries]
+            for (_, seq, item), block in zip(entries, torch.split(rows, sizes)):
+                if item.num_logits:
+                    logits[seq] = block
         return logits, failed
 
     def _fail_unschedulable(self) -> list[Request]:
@@ -184,5 +185,6 @@ class LLMEngine:
         counters = self.scheduler.counters
         stats.preemptions, stats.tokens_generated = counters.preemptions, counters.tokens_generated
         stats.prefix_cache_hit_tokens = counters.prefix_cache_hit_tokens
+        stats.proposed_tokens, stats.accepted_tokens = counters.proposed_tokens, counters.accepted_tokens
         stats.kv_page_tokens = {spec: view.page_size for spec, view in pool.views.items()}
         return stats

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..decoding.speculative import SpeculationPlan, SpeculationState
 from ..formula import Formula, Plan
 from ..outputs import RequestMetrics, RequestOutput, StreamChunk
 from ..sampling_params import SamplingParams
@@ -44,6 +45,14 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: Optional[float] = None
     sent_tokens: int = 0
+    speculation: Optional[SpeculationPlan] = None    # None: one token per step
+    spec_state: Optional[SpeculationState] = None
+
+    @property
+    def drawn_ids(self) -> list[int]:
+        """Verified tokens, then those drawn but not yet verified by every term."""
+        pending = self.spec_state.tokens if self.spec_state is not None else []
+        return self.output_ids + pending if pending else self.output_ids
 
     @property
     def is_finished(self) -> bool:

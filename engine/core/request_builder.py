@@ -6,6 +6,7 @@ import itertools
 import random
 from dataclasses import dataclass
 
+from ..decoding.speculative import SpeculationState, speculation_plan
 from ..errors import CacheExhaustedError, ConfigError, FormulaError, PromptError
 from ..formula import Formula, compile_plan, served_by_engine
 from ..sampling_params import SamplingParams
@@ -50,6 +51,7 @@ def check_formula(formula, max_terms: int) -> Formula:
     op = served_by_engine(formula)
     if op is not None:
         raise FormulaError(f"{op} formulas run in lmarith.reference.generate only for now")
+    speculation_plan(formula)
     if len(formula.terms) > max_terms:
         raise ConfigError(f"the formula has {len(formula.terms)} terms but max_num_batched_tokens is "
                           f"{max_terms}; raise it to at least the number of terms")
@@ -84,6 +86,10 @@ class RequestBuilder:
                           sequences, eos, next(self._arrivals),
                           Detokenizer(first.tokenizer, sequences[0].token_ids, params.stop))
         request.metrics.prompt_tokens = sum(seq.prompt_len for seq in sequences)
+        request.metrics.term_forward_passes = [0] * len(sequences)
+        request.speculation = speculation_plan(formula)
+        if request.speculation is not None:
+            request.spec_state = SpeculationState(len(sequences))
         self._check_fits(request)
         return request
 

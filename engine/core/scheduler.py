@@ -15,6 +15,7 @@ from ..errors import CacheExhaustedError
 from ..kv_cache import BlockManager
 from .request import Request, RequestStatus
 from .sequence import Sequence
+from .speculation import due_counts, logits_wanted, propose, settle, store_logits
 
 
 @dataclass
@@ -24,14 +25,17 @@ class SchedulerCounters:
     preemptions: int = 0
     tokens_generated: int = 0
     prefix_cache_hit_tokens: int = 0
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass
 class ScheduledBatch:
-    """What one step computes: (sequence, new token count) per request, and which requests
-    have all their terms' last positions computed, so sample a token."""
+    """What one step computes: (sequence, new token count, logits rows wanted) per request,
+    and which (non-speculative) requests have all their terms' last positions computed, so
+    sample a token."""
 
-    work: list[tuple[Request, list[tuple[Sequence, int]]]] = field(default_factory=list)
+    work: list[tuple[Request, list[tuple[Sequence, int, int]]]] = field(default_factory=list)
     sampling: list[Request] = field(default_factory=list)
 
     @property
@@ -87,10 +91,13 @@ class Scheduler:
     def _reserve_decode(self, request: Request) -> bool:
         """Give every term its newly sampled tokens and room for them, preempting newer
         requests if needed. Returns False when the request itself had to be preempted."""
+        if request.speculation is not None:
+            propose(request)
         while True:
             try:
+                drawn = request.drawn_ids
                 for seq in request.sequences:
-                    new = request.output_ids[seq.num_generated:]
+                    new = drawn[seq.num_generated:]
                     if new:
                         for source, target in self.block_manager.ensure_capacity(seq, len(new)):
                             self.copy_page(source, target)
@@ -104,6 +111,8 @@ class Scheduler:
 
     def _plan_request(self, request: Request, budget: int, batch: ScheduledBatch) -> int:
         """Schedule the request's uncomputed tokens within budget; returns the budget left."""
+        if request.speculation is not None:
+            return self._plan_speculative(request, budget, batch)
         remaining = [seq.num_uncomputed for seq in request.sequences]
         if sum(remaining) <= budget:
             counts, samples = remaining, True
@@ -112,28 +121,62 @@ class Scheduler:
             counts, samples = [min(left - 1, share) for left in remaining], False
         if sum(counts) == 0:
             return budget
-        batch.work.append((request, [(seq, n) for seq, n in zip(request.sequences, counts) if n > 0]))
+        wanted = 1 if samples else 0
+        batch.work.append((request, [(seq, n, wanted) for seq, n in zip(request.sequences, counts)
+                                     if n > 0]))
         if samples:
             batch.sampling.append(request)
+        return budget - sum(counts)
+
+    def _plan_speculative(self, request: Request, budget: int, batch: ScheduledBatch) -> int:
+        """The terms due this step (chunked to the budget); logits for unverified positions."""
+        counts = due_counts(request)
+        due = sum(1 for count in counts if count)
+        if due == 0 or budget <= 0:
+            return budget
+        if sum(counts) > budget:
+            counts = [min(count, max(1, budget // due)) for count in counts]
+        batch.work.append((request, [(seq, n, logits_wanted(request, seq, n))
+                                     for seq, n in zip(request.sequences, counts) if n > 0]))
         return budget - sum(counts)
 
     def postprocess(self, batch: ScheduledBatch, logits: dict[Sequence, torch.Tensor],
                     failed: dict[Request, BaseException]) -> list[Request]:
         """All bookkeeping after the forwards; returns the requests whose output changed."""
+        speculative = []
         for request, work in batch.work:
             if request in failed:
                 self.finish(request, "error", failed[request])
                 continue
             request.metrics.forward_passes += 1
-            for seq, count in work:
+            for seq, count, _ in work:
                 seq.num_computed += count
-                self.block_manager.commit(seq, seq.num_computed)
+                request.metrics.term_forward_passes[request.sequences.index(seq)] += 1
+                if request.speculation is None:
+                    self.block_manager.commit(seq, seq.num_computed)
+            if request.speculation is not None:
+                store_logits(request, work, logits)
+                speculative.append(request)
         sampling = [r for r in batch.sampling if not r.is_finished]
-        rows = [DecodeRow(r.formula, r.plan, [logits[seq] for seq in r.sequences], r.params,
+        rows = [DecodeRow(r.formula, r.plan, [logits[seq][-1] for seq in r.sequences], r.params,
                           r.seed, len(r.output_ids)) for r in sampling]
         for request, token in zip(sampling, next_tokens(rows) if rows else []):
             self._take_token(request, token)
+        if speculative:
+            self._settle(speculative)
         return [request for request, _ in batch.work]
+
+    def _settle(self, requests: list[Request]) -> None:
+        """Verify and draw for the speculative requests; hash only their verified pages."""
+        proposed, accepted = settle(requests, self.block_manager, self._take_token)
+        self.counters.proposed_tokens += proposed
+        self.counters.accepted_tokens += accepted
+        for request in requests:
+            if request.is_finished:
+                continue
+            for seq in request.sequences:
+                verified = seq.prompt_len + len(request.output_ids)
+                self.block_manager.commit(seq, min(seq.num_computed, verified))
 
     def _take_token(self, request: Request, token) -> None:
         """Append a sampled token (or fail the request with the exception it raised)."""
@@ -154,6 +197,8 @@ class Scheduler:
             if self.block_manager.is_live(seq):
                 self.block_manager.preempt(seq)
             seq.reset(request.output_ids)
+        if request.spec_state is not None:
+            request.spec_state.reset()
         self.running.remove(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1

@@ -120,3 +120,40 @@ def served_by_engine(formula: Formula) -> Optional[str]:
         if not info.engine:
             return info.op
     return None
+
+
+def restrict_plan(plan: Plan, present: Sequence[bool]) -> Plan:
+    """The plan over only the present terms (speculation's partial formula): absent terms get
+    weight 0, and a Union/Intersection side left without any of its terms drops out, so the
+    group becomes its other side (added to the top-level block)."""
+    def keep(row):
+        return tuple(w if present[t] else 0.0 for t, w in enumerate(row))
+
+    def emptied(row):
+        return any(row) and not any(keep(row))
+
+    top, top_const = list(keep(plan.weights[0])), plan.consts[0]
+    blocks, consts, coefs, kinds = [], [], [], []
+    for g, (coef, kind) in enumerate(zip(plan.group_coefs, plan.group_kinds)):
+        sides = [(plan.weights[1 + 2 * g + s], plan.consts[1 + 2 * g + s]) for s in (0, 1)]
+        alive = [(keep(row), const) for row, const in sides if not emptied(row)]
+        if len(alive) == 2:
+            blocks += [alive[0][0], alive[1][0]]
+            consts += [alive[0][1], alive[1][1]]
+            coefs.append(coef)
+            kinds.append(kind)
+        elif alive:
+            top = [a + coef * b for a, b in zip(top, alive[0][0])]
+            top_const += coef * alive[0][1]
+    return Plan(terms=plan.terms, weights=(tuple(top), *blocks), consts=(top_const, *consts),
+                group_coefs=tuple(coefs), group_kinds=tuple(kinds))
+
+
+def plan_norm_bounds(plan: Plan) -> tuple[float, float]:
+    """Smallest and largest total norm the plan can give a token."""
+    norms = [sum(row) + const for row, const in zip(plan.weights, plan.consts)]
+    low = high = norms[0]
+    for g, coef in enumerate(plan.group_coefs):
+        options = (coef * norms[1 + 2 * g], coef * norms[2 + 2 * g])
+        low, high = low + min(options), high + max(options)
+    return low, high

@@ -12,6 +12,7 @@ from . import registry
 from .node import EvalContext, Formula
 
 TEMPLATE_FIELDS = {"system", "input"}
+MAX_FACTOR = 64
 
 
 def check_template(template: str) -> str:
@@ -53,16 +54,19 @@ class Model(Formula):
         """The weights this model term runs: what runners and KV views are keyed by."""
         return ModelSpec(self.path, self.dtype)
 
-    def prompt(self, system: str, template: str = "{system}\n{input}") -> "Term":
-        """A term whose context is tokenizer(template.format(system=system, input=text))."""
-        return Term(self, system, check_template(template))
+    def prompt(self, system: str, template: str = "{system}\n{input}",
+               speculative_factor: int = 1) -> "Term":
+        """A term whose context is tokenizer(template.format(system=system, input=text)).
+        speculative_factor k > 1: the term runs every k tokens and verifies them (see Term)."""
+        return Term(self, system, check_template(template), speculative_factor=speculative_factor)
 
-    def chat(self, system: Optional[str] = None) -> "Term":
+    def chat(self, system: Optional[str] = None, speculative_factor: int = 1) -> "Term":
         """A term whose context is the tokenizer's chat template with this system prompt."""
-        return Term(self, system, None, chat=True)
+        return Term(self, system, None, chat=True, speculative_factor=speculative_factor)
 
-    def as_term(self) -> "Term":
-        return Term(self)
+    def as_term(self, speculative_factor: int = 1) -> "Term":
+        """The bare-text term of this model (speculative_factor as in prompt)."""
+        return Term(self, speculative_factor=speculative_factor)
 
     def canonical(self) -> "Term":
         return self.as_term()
@@ -83,12 +87,18 @@ class Model(Formula):
 @registry.register("term", plan_role="term")
 @dataclass(frozen=True)
 class Term(Formula):
-    """A leaf: one model run on one context (bare text, a prompt template, or chat)."""
+    """A leaf: one model run on one context (bare text, a prompt template, or chat).
+
+    speculative_factor k > 1 makes the engine compute this term only once k new tokens are
+    pending, scoring them in one forward; meanwhile tokens are drawn from the formula over
+    the terms computed there, and verified exactly when this term catches up.
+    """
 
     model: Model
     system: Optional[str] = None
     template: Optional[str] = None
     chat: bool = False
+    speculative_factor: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, Model):
@@ -101,6 +111,10 @@ class Term(Formula):
             raise FormulaError(f"chat must be true or false, got {self.chat!r}")
         if self.chat and self.template is not None:
             raise FormulaError("a chat term uses the tokenizer's chat template; give no template")
+        factor = self.speculative_factor
+        if isinstance(factor, bool) or not isinstance(factor, int) or not 1 <= factor <= MAX_FACTOR:
+            raise FormulaError(f"speculative_factor must be an integer from 1 to {MAX_FACTOR}, "
+                               f"got {factor!r}")
         if self.system is not None and self.template is None and not self.chat:
             raise FormulaError(f"the system prompt {self.system!r} needs a template or chat=True; "
                                "use model.prompt(system) or model.chat(system)")
@@ -128,7 +142,8 @@ class Term(Formula):
         return self.template.format(system=self.system or "", input=text)
 
     def __str__(self) -> str:
+        factor = f", speculative_factor={self.speculative_factor}" if self.speculative_factor > 1 else ""
         if self.system is None and not self.chat:
-            return str(self.model)
+            return f"M({self.model.path}{factor})" if factor else str(self.model)
         kind = "chat" if self.chat else "prompt"
-        return f"M({self.model.path}, {kind}={self.system!r})"
+        return f"M({self.model.path}, {kind}={self.system!r}{factor})"
