@@ -26,7 +26,7 @@ import torch
 from lmarith.bindings import checks, cpp
 from lmarith.kernels import reference, reference_attention, reference_speculative
 
-__all__ = ["combine", "sample", "store_kv", "paged_attention", "spec_accept", "run", "faces", "face_for",
+__all__ = ["combine", "sample", "store_kv", "paged_attention", "spec_accept", "filtered_log_probs", "run", "faces", "face_for",
            "combine_cpp", "sample_cpp", "cpp_available"]
 
 
@@ -134,6 +134,15 @@ def spec_accept(target_log_probs: torch.Tensor, draft_log_probs: torch.Tensor,
     args = (target_log_probs, draft_log_probs, draft_tokens, num_drafts, seed, step, greedy)
     device = checks.validate_spec_accept(*args)
     return _dispatch("spec_accept", device)(*args)
+
+
+def filtered_log_probs(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """The law `sample` draws from, as log-probs [B, V] (greedy rows unfiltered): what
+    speculative verification compares. One face (torch): it is sorts and softmaxes."""
+    zeros = torch.zeros_like(temperature, dtype=torch.int64)
+    checks.validate_sample(log_probs, temperature, top_k, top_p, min_p, zeros, zeros)
+    return reference.filtered_log_probs(log_probs, temperature, top_k, top_p, min_p)
 
 
 def combine_cpp(*args) -> tuple[torch.Tensor, torch.Tensor]:

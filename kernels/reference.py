@@ -142,12 +142,16 @@ def _kept(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tenso
           top_p: torch.Tensor, min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_probs / T, mask of the tokens temperature, top-k, top-p and min-p keep)."""
     log_probs = log_probs.float()
+    vocab_size = log_probs.shape[-1]
     safe_t = torch.where(temperature > 0, temperature, 1.0).float()[:, None]
     scaled = log_probs / safe_t
-    keep = _top_k_mask(scaled, top_k) & torch.isfinite(scaled)
+    keep = torch.isfinite(scaled)
+    if ((top_k > 0) & (top_k < vocab_size)).any():      # skipped sorts change no mask
+        keep &= _top_k_mask(scaled, top_k)
     masked = scaled.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(masked, dim=-1)
-    keep &= _top_p_mask(probs, top_p.float())
+    if (top_p < 1.0).any():
+        keep &= _top_p_mask(probs, top_p.float())
     max_prob = probs.max(dim=-1, keepdim=True).values
     keep &= probs >= min_p.float()[:, None] * max_prob
     return scaled, keep
@@ -157,6 +161,8 @@ def filtered_log_probs(log_probs: torch.Tensor, temperature: torch.Tensor, top_k
                        top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """The law `sample` draws from, as normalised log-probs [B, V] (-inf where filtered out).
     Greedy rows (temperature <= 0) come back as log_probs, unfiltered: they use the argmax."""
+    if not (temperature > 0).any():
+        return log_probs.float()
     scaled, keep = _kept(log_probs, temperature, top_k, top_p, min_p)
     law = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
     law = torch.where(torch.isnan(law), float("-inf"), law)

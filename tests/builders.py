@@ -45,8 +45,9 @@ def _randomise(model, seed: int) -> None:
 
 
 def make_model(directory: Path, family: str = "llama", seed: int = 0, tokenizer=None,
-               dtype=torch.float32, **overrides) -> Path:
-    """Save a 2-layer random model of the family with its tokenizer; returns the directory."""
+               dtype=torch.float32, bigram: bool = False, **overrides) -> Path:
+    """Save a 2-layer random model of the family with its tokenizer; returns the directory.
+    bigram=True (llama-like families): a model whose greedy chains cycle, as text repeats."""
     import transformers
 
     tokenizer = tokenizer or make_tokenizer()
@@ -68,6 +69,10 @@ def make_model(directory: Path, family: str = "llama", seed: int = 0, tokenizer=
     config = getattr(transformers, name)(**{**settings, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config)
     _randomise(model, seed)
+    if bigram:  # attention writes nothing: the next token depends on the current one only
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
     model.to(dtype).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)

@@ -8,8 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ...bindings.ops import spec_accept
-from ...kernels.reference import filtered_log_probs
+from ...bindings.ops import filtered_log_probs, spec_accept
 from ...sampling_params import SamplingParams
 from ..composer import compose
 from ..sampler import DecodeRow, sampling_tensors
