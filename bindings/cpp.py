@@ -1,6 +1,6 @@
-"""The C++ faces (lmarith._C, OpenMP + SIMD) of combine and sample, on inputs already checked
-by bindings/checks.py: tensors are made contiguous in the dtypes the kernels read and passed
-as raw pointers, so _C never depends on torch's C++ ABI."""
+"""The C++ faces (lmarith._C, OpenMP + SIMD) of combine, sample and spec_accept, on inputs
+already checked by bindings/checks.py: tensors are made contiguous in the dtypes the kernels
+read and passed as raw pointers, so _C never depends on torch's C++ ABI."""
 from __future__ import annotations
 
 import torch
@@ -72,3 +72,24 @@ def sample(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
               top_p.data_ptr(), min_p.data_ptr(), seed.data_ptr(), step.data_ptr(),
               tokens.data_ptr())
     return tokens
+
+
+def spec_accept(target_log_probs: torch.Tensor, draft_log_probs: torch.Tensor,
+                draft_tokens: torch.Tensor, num_drafts: torch.Tensor, seed: torch.Tensor,
+                step: torch.Tensor, greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs lmarith._C.spec_accept on validated CPU inputs: (num_accepted int32 [B],
+    next_token int64 [B])."""
+    batch, positions, vocab = target_log_probs.shape
+    target = _contiguous(target_log_probs, torch.float32)
+    draft = _contiguous(draft_log_probs, torch.float32)
+    tokens = _contiguous(draft_tokens, torch.int64)
+    num_drafts = _contiguous(num_drafts, torch.int32)
+    seed = _contiguous(seed, torch.int64)
+    step = _contiguous(step, torch.int64)
+    greedy = _contiguous(greedy, torch.uint8)
+    num_accepted = torch.empty((batch,), dtype=torch.int32)
+    next_token = torch.empty((batch,), dtype=torch.int64)
+    _C.spec_accept(target.data_ptr(), draft.data_ptr(), tokens.data_ptr(), num_drafts.data_ptr(),
+                   seed.data_ptr(), step.data_ptr(), greedy.data_ptr(), batch, positions - 1, vocab,
+                   num_accepted.data_ptr(), next_token.data_ptr())
+    return num_accepted, next_token

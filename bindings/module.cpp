@@ -54,6 +54,24 @@ void sample_entry(std::uintptr_t log_probs, int64_t batch, int64_t vocab,
                   address_as<int64_t>(tokens));
 }
 
+void spec_accept_entry(std::uintptr_t target_log_probs, std::uintptr_t draft_log_probs,
+                       std::uintptr_t draft_tokens, std::uintptr_t num_drafts, std::uintptr_t seed,
+                       std::uintptr_t step, std::uintptr_t greedy, int64_t batch,
+                       int64_t max_drafts, int64_t vocab, std::uintptr_t num_accepted,
+                       std::uintptr_t next_token) {
+  require(batch >= 0 && max_drafts >= 0 && vocab > 0 && vocab <= INT32_MAX,
+          "spec_accept: need B >= 0, K >= 0, 0 < V < 2^31");
+  require(batch == 0 || (max_drafts + 1) * vocab <= INT64_MAX / batch,
+          "spec_accept: B * (K + 1) * V overflows");
+  const lmarith::SpecAcceptInputs inputs{
+      address_as<const float>(target_log_probs), address_as<const float>(draft_log_probs),
+      address_as<const int64_t>(draft_tokens),   address_as<const int32_t>(num_drafts),
+      address_as<const int64_t>(seed),           address_as<const int64_t>(step),
+      address_as<const uint8_t>(greedy)};
+  lmarith::spec_accept(inputs, batch, max_drafts, vocab, address_as<int32_t>(num_accepted),
+                       address_as<int64_t>(next_token));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -71,6 +89,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tokens"),
         "Draw one token per row: log_probs f32 [B,V], temperature/top_p/min_p f32 [B], "
         "top_k i32 [B], seed/step i64 [B] -> tokens i64 [B].");
+  m.def("spec_accept", &spec_accept_entry, py::call_guard<py::gil_scoped_release>(),
+        py::arg("target_log_probs"), py::arg("draft_log_probs"), py::arg("draft_tokens"),
+        py::arg("num_drafts"), py::arg("seed"), py::arg("step"), py::arg("greedy"),
+        py::arg("batch"), py::arg("max_drafts"), py::arg("vocab"), py::arg("num_accepted"),
+        py::arg("next_token"),
+        "Verify speculative proposals: target f32 [B,K+1,V], draft f32 [B,K,V], draft_tokens "
+        "i64 [B,K], num_drafts i32 [B], seed/step i64 [B], greedy u8 [B] -> num_accepted i32 "
+        "[B], next_token i64 [B].");
   m.def("built_with_openmp", &lmarith::built_with_openmp,
         "True when rows run in parallel through OpenMP.");
 }

@@ -1,4 +1,5 @@
-// lmarith native CPU kernels: raw-pointer faces of kernels/reference.py (combine, sample).
+// lmarith native CPU kernels: raw-pointer faces of kernels/reference.py (combine, sample) and
+// kernels/reference_speculative.py (spec_accept).
 // No torch headers: callers pass contiguous buffers; the pybind11 module wraps these.
 #pragma once
 
@@ -40,6 +41,23 @@ void combine(const void* logits, LogitsDtype dtype, int64_t num_terms, int64_t b
 // One token per row of log_probs [B, V] (reference.sample), written to tokens [B].
 void sample(const float* log_probs, int64_t batch, int64_t vocab, const SampleParams& params,
             int64_t* tokens);
+
+// Inputs of spec_accept, row-major: target_log_probs [B, K+1, V], draft_log_probs [B, K, V],
+// draft_tokens [B, K]; num_drafts (0..K), seed, step and greedy (0/1) per row [B].
+struct SpecAcceptInputs {
+  const float* target_log_probs;
+  const float* draft_log_probs;
+  const int64_t* draft_tokens;
+  const int32_t* num_drafts;
+  const int64_t* seed;
+  const int64_t* step;
+  const uint8_t* greedy;
+};
+
+// Speculative verification (reference_speculative.spec_accept): the number of leading
+// proposals accepted per row, num_accepted [B], and the corrected or bonus token, next_token [B].
+void spec_accept(const SpecAcceptInputs& inputs, int64_t batch, int64_t max_drafts, int64_t vocab,
+                 int32_t* num_accepted, int64_t* next_token);
 
 // True when the library was built with OpenMP (rows run in parallel).
 bool built_with_openmp();
@@ -110,6 +128,54 @@ inline float exp_nonpositive(float x) {
   int32_t exponent;
   const float poly = exp_reduced(clamped, exponent);
   return poly * bits_float(static_cast<uint32_t>(exponent + 127) << 23);
+}
+
+constexpr uint32_t kGolden = 0x9E3779B9u;
+
+// lowbias32 integer hash (reference.mix32).
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Per-row hash state from the 64-bit seed and the step's low 32 bits (reference.row_key).
+inline uint32_t row_key(int64_t seed, int64_t step) {
+  const uint64_t bits = static_cast<uint64_t>(seed);
+  uint32_t key = mix32(static_cast<uint32_t>(bits) ^ kGolden);
+  key = mix32(key ^ static_cast<uint32_t>(bits >> 32));
+  return mix32(key ^ static_cast<uint32_t>(static_cast<uint64_t>(step)));
+}
+
+// reference.uniform in float32: 23 hash bits + 0.5 fit the 24-bit mantissa exactly,
+// so u lies in [2^-24, 1 - 2^-24], never 0 or 1.
+inline float uniform_from_hash(uint32_t hash) {
+  return (static_cast<float>(hash >> 9) + 0.5f) * 0x1p-23f;
+}
+
+// The largest non-NaN value of values[0, count) (-inf if none); any_nan says whether NaN occurs.
+inline float max_ignoring_nan(const float* values, int64_t count, int& any_nan) {
+  float best = -kInf;
+  int nan_seen = 0;
+#pragma omp simd reduction(max : best) reduction(| : nan_seen)
+  for (int64_t i = 0; i < count; ++i) {
+    best = values[i] > best ? values[i] : best;
+    nan_seen |= values[i] != values[i];
+  }
+  any_nan = nan_seen;
+  return best;
+}
+
+// torch.argmax: the first maximal value, where NaN counts as the maximum (0 for an all -inf row).
+inline int64_t argmax_first(const float* values, int64_t count) {
+  int any_nan = 0;
+  const float best = max_ignoring_nan(values, count, any_nan);
+  for (int64_t i = 0; i < count; ++i)
+    if (any_nan ? values[i] != values[i] : values[i] == best) return i;
+  return 0;
 }
 
 }  // namespace detail

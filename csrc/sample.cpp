@@ -13,36 +13,15 @@
 namespace lmarith {
 namespace {
 
+using detail::argmax_first;
 using detail::float_bits;
 using detail::fast_exp;
 using detail::is_finite;
 using detail::kInf;
-
-constexpr uint32_t kGolden = 0x9E3779B9u;
-
-// lowbias32 integer hash (reference.mix32).
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
-
-// Per-row hash state from the 64-bit seed and the step's low 32 bits (reference.row_key).
-uint32_t row_key(int64_t seed, int64_t step) {
-  const uint64_t bits = static_cast<uint64_t>(seed);
-  uint32_t key = mix32(static_cast<uint32_t>(bits) ^ kGolden);
-  key = mix32(key ^ static_cast<uint32_t>(bits >> 32));
-  return mix32(key ^ static_cast<uint32_t>(static_cast<uint64_t>(step)));
-}
-
-// reference.uniform in float32: 23 hash bits + 0.5 fit the 24-bit mantissa exactly,
-// so u lies in [2^-24, 1 - 2^-24], never 0 or 1.
-inline float uniform_from_hash(uint32_t hash) {
-  return (static_cast<float>(hash >> 9) + 0.5f) * 0x1p-23f;
-}
+using detail::max_ignoring_nan;
+using detail::mix32;
+using detail::row_key;
+using detail::uniform_from_hash;
 
 inline float gumbel_from_uniform(float uniform) { return -std::log(-std::log(uniform)); }
 
@@ -80,28 +59,6 @@ RowScratch& thread_scratch(int64_t vocab) {
     scratch.flags.assign((vocab + 7) / 8 * 8, 0);
   }
   return scratch;
-}
-
-// The largest non-NaN value of values[0, count) (-inf if none); any_nan says whether NaN occurs.
-float max_ignoring_nan(const float* values, int64_t count, int& any_nan) {
-  float best = -kInf;
-  int nan_seen = 0;
-#pragma omp simd reduction(max : best) reduction(| : nan_seen)
-  for (int64_t i = 0; i < count; ++i) {
-    best = values[i] > best ? values[i] : best;
-    nan_seen |= values[i] != values[i];
-  }
-  any_nan = nan_seen;
-  return best;
-}
-
-// torch.argmax: the first maximal value, where NaN counts as the maximum.
-int64_t argmax_first(const float* values, int64_t count) {
-  int any_nan = 0;
-  const float best = max_ignoring_nan(values, count, any_nan);
-  for (int64_t i = 0; i < count; ++i)
-    if (any_nan ? values[i] != values[i] : values[i] == best) return i;
-  return 0;
 }
 
 // How many values are >= threshold (vectorised; NaN never counts).

@@ -66,6 +66,7 @@ def spec_accept(target_log_probs: torch.Tensor, draft_log_probs: torch.Tensor,
     """Accepted counts and the corrected (or bonus) token per row; see the module docstring."""
     target = target_log_probs.float()
     draft = draft_log_probs.float()
+    draft_tokens = draft_tokens.long()
     batch, max_drafts = draft_tokens.shape
     vocab = target.shape[-1]
     rows = torch.arange(batch, device=target.device)
