@@ -55,8 +55,8 @@ def _evaluate(rows: Sequence[VerifyRow]) -> list[torch.Tensor]:
     return list(torch.split(filtered, [len(row.laws) for row in rows]))
 
 
-def _point_mass(token: int, vocab: int) -> torch.Tensor:
-    law = torch.full((vocab,), float("-inf"))
+def _point_mass(token: int, vocab: int, device: torch.device) -> torch.Tensor:
+    law = torch.full((vocab,), float("-inf"), device=device)
     law[token] = 0.0
     return law
 
@@ -64,10 +64,10 @@ def _point_mass(token: int, vocab: int) -> torch.Tensor:
 def verify(rows: Sequence[VerifyRow]) -> list[VerifyResult]:
     """Accepted counts and next tokens for rows over one vocabulary size."""
     laws = _evaluate(rows)
-    vocab = laws[0].shape[-1]
+    vocab, device = laws[0].shape[-1], laws[0].device
     width = max(1, max(len(row.proposals) for row in rows))
-    target = torch.full((len(rows), width + 1, vocab), float("-inf"))
-    draft = torch.full((len(rows), width, vocab), float("-inf"))
+    target = torch.full((len(rows), width + 1, vocab), float("-inf"), device=device)
+    draft = torch.full((len(rows), width, vocab), float("-inf"), device=device)
     tokens = torch.zeros(len(rows), width, dtype=torch.int64)
     for b, (row, new) in enumerate(zip(rows, laws)):
         n = len(row.proposals)
@@ -75,16 +75,18 @@ def verify(rows: Sequence[VerifyRow]) -> list[VerifyResult]:
         if not row.has_bonus:          # a stand-in bonus row; its token is ignored
             target[b, n] = new[max(0, n - 1)]
         for j, (token, old) in enumerate(zip(row.proposals, row.old_laws)):
-            draft[b, j] = old if old is not None else _point_mass(token, vocab)
+            draft[b, j] = old if old is not None else _point_mass(token, vocab, device)
             tokens[b, j] = token
-    accepted, next_token = spec_accept(
-        target, draft, tokens, torch.tensor([len(r.proposals) for r in rows], dtype=torch.int32),
-        torch.tensor([r.seed for r in rows], dtype=torch.int64),
-        torch.tensor([r.step for r in rows], dtype=torch.int64),
-        torch.tensor([r.params.temperature <= 0 for r in rows]))
+    controls = (torch.tensor([len(r.proposals) for r in rows], dtype=torch.int32),
+                torch.tensor([r.seed for r in rows], dtype=torch.int64),
+                torch.tensor([r.step for r in rows], dtype=torch.int64),
+                torch.tensor([r.params.temperature <= 0 for r in rows]))
+    accepted, next_token = spec_accept(target, draft, tokens.to(device),
+                                       *(c.to(device) for c in controls))
+    accepted, next_token = accepted.tolist(), next_token.tolist()
     results = []
     for b, row in enumerate(rows):
-        count = int(accepted[b])
+        count = accepted[b]
         settled = count < len(row.proposals) or row.has_bonus
-        results.append(VerifyResult(count, int(next_token[b]) if settled else None, list(laws[b])))
+        results.append(VerifyResult(count, next_token[b] if settled else None, list(laws[b])))
     return results
