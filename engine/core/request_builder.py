@@ -89,7 +89,7 @@ class RequestBuilder:
         request.metrics.term_forward_passes = [0] * len(sequences)
         request.speculation = speculation_plan(formula)
         if request.speculation is not None:
-            request.spec_state = SpeculationState(len(sequences))
+            request.spec_state = SpeculationState(len(sequences), request.speculation.step_factors())
         self._check_fits(request)
         return request
 

@@ -33,7 +33,7 @@ def due_counts(request: Request) -> list[int]:
     """Tokens each term computes this step (0 for a term waiting for k pending tokens)."""
     settle = must_settle(request)
     counts = []
-    for seq, factor in zip(request.sequences, request.speculation.factors):
+    for seq, factor in zip(request.sequences, request.spec_state.factors):
         pending = seq.num_uncomputed
         counts.append(pending if pending >= factor or (settle and pending) else 0)
     return counts
@@ -121,8 +121,10 @@ def _apply(request: Request, row: VerifyRow, start: int, result,
     stop = start + len(row.proposals)
     checked = [i for i in range(start, stop) if state.levels[i] != state.present(i)]
     taken = sum(1 for i in checked if i < start + result.num_accepted)
-    request.metrics.proposed_tokens += len(checked)
-    request.metrics.accepted_tokens += taken
+    metrics = request.metrics
+    metrics.proposed_tokens += len(checked)
+    metrics.accepted_tokens += taken
+    state.factors = request.speculation.step_factors(metrics.accepted_tokens, metrics.proposed_tokens)
     for offset in range(result.num_accepted):
         state.laws[start + offset] = result.new_laws[offset]
         state.levels[start + offset] = state.present(start + offset)

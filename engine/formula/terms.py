@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from ..config import ModelSpec
 from ..errors import FormulaError
@@ -13,6 +13,9 @@ from .node import EvalContext, Formula
 
 TEMPLATE_FIELDS = {"system", "input"}
 MAX_FACTOR = 64
+AUTO = "auto"              # speculative_factor chosen per request from its acceptance rate
+AUTO_MAX_FACTOR = 8
+Factor = Union[int, str]
 
 
 def check_template(template: str) -> str:
@@ -55,16 +58,16 @@ class Model(Formula):
         return ModelSpec(self.path, self.dtype)
 
     def prompt(self, system: str, template: str = "{system}\n{input}",
-               speculative_factor: int = 1) -> "Term":
+               speculative_factor: Factor = 1) -> "Term":
         """A term whose context is tokenizer(template.format(system=system, input=text)).
         speculative_factor k > 1: the term runs every k tokens and verifies them (see Term)."""
         return Term(self, system, check_template(template), speculative_factor=speculative_factor)
 
-    def chat(self, system: Optional[str] = None, speculative_factor: int = 1) -> "Term":
+    def chat(self, system: Optional[str] = None, speculative_factor: Factor = 1) -> "Term":
         """A term whose context is the tokenizer's chat template with this system prompt."""
         return Term(self, system, None, chat=True, speculative_factor=speculative_factor)
 
-    def as_term(self, speculative_factor: int = 1) -> "Term":
+    def as_term(self, speculative_factor: Factor = 1) -> "Term":
         """The bare-text term of this model (speculative_factor as in prompt)."""
         return Term(self, speculative_factor=speculative_factor)
 
@@ -91,14 +94,15 @@ class Term(Formula):
 
     speculative_factor k > 1 makes the engine compute this term only once k new tokens are
     pending, scoring them in one forward; meanwhile tokens are drawn from the formula over
-    the terms computed there, and verified exactly when this term catches up.
+    the terms computed there, and verified exactly when this term catches up. "auto" picks
+    k from 1 to AUTO_MAX_FACTOR per request from its measured acceptance rate.
     """
 
     model: Model
     system: Optional[str] = None
     template: Optional[str] = None
     chat: bool = False
-    speculative_factor: int = 1
+    speculative_factor: Factor = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, Model):
@@ -112,9 +116,10 @@ class Term(Formula):
         if self.chat and self.template is not None:
             raise FormulaError("a chat term uses the tokenizer's chat template; give no template")
         factor = self.speculative_factor
-        if isinstance(factor, bool) or not isinstance(factor, int) or not 1 <= factor <= MAX_FACTOR:
-            raise FormulaError(f"speculative_factor must be an integer from 1 to {MAX_FACTOR}, "
-                               f"got {factor!r}")
+        if factor != AUTO and (isinstance(factor, bool) or not isinstance(factor, int)
+                               or not 1 <= factor <= MAX_FACTOR):
+            raise FormulaError(f"speculative_factor must be an integer from 1 to {MAX_FACTOR} "
+                               f"or \"auto\", got {factor!r}")
         if self.system is not None and self.template is None and not self.chat:
             raise FormulaError(f"the system prompt {self.system!r} needs a template or chat=True; "
                                "use model.prompt(system) or model.chat(system)")
@@ -142,7 +147,8 @@ class Term(Formula):
         return self.template.format(system=self.system or "", input=text)
 
     def __str__(self) -> str:
-        factor = f", speculative_factor={self.speculative_factor}" if self.speculative_factor > 1 else ""
+        factor = (f", speculative_factor={self.speculative_factor!r}"
+                  if self.speculative_factor != 1 else "")
         if self.system is None and not self.chat:
             return f"M({self.model.path}{factor})" if factor else str(self.model)
         kind = "chat" if self.chat else "prompt"

@@ -46,12 +46,14 @@ def _kinds(big, small):
         "three terms": (big + 0.3 * small.as_term(speculative_factor=3)
                         - 0.2 * big.prompt(RUDE, speculative_factor=2),
                         big + 0.3 * small - 0.2 * big.prompt(RUDE)),
+        "auto factor": (big + 0.5 * small.prompt(RUDE, speculative_factor="auto"), target),
         "draft model": (la.Speculative(target, small, k=3), target),
         "n-gram": (la.Speculative(target, la.NgramDraft(n=3), k=4), target),
     }
 
 
-@pytest.mark.parametrize("kind", ["across terms", "three terms", "draft model", "n-gram"])
+@pytest.mark.parametrize("kind", ["across terms", "three terms", "auto factor", "draft model",
+                                  "n-gram"])
 def test_greedy_speculation_gives_the_tokens_of_plain_decoding(kind, models, llm):
     speculative, plain = _kinds(*models)[kind]
     expected = llm.generate(PROMPTS, plain, GREEDY)
@@ -139,6 +141,22 @@ def test_factor_k_term_runs_once_per_k_tokens(models, twin, llm):
     assert base_passes >= 16 and slow_passes < base_passes
     stats = llm.stats()
     assert stats.proposed_tokens >= output.metrics.proposed_tokens > 0
+
+
+def test_auto_factor_follows_the_acceptance_rate():
+    from lmarith.decoding.speculative.auto_factor import choose_factor, expected_tokens
+    assert expected_tokens(0.5, 3) == pytest.approx(1.75)
+    factors = [choose_factor(rate, 1.0, 8) for rate in (0.2, 0.7, 0.9, 0.99)]
+    assert factors == sorted(factors) and factors[0] == 1 and factors[-1] == 8
+
+
+def test_auto_factor_grows_when_the_slow_term_always_agrees(models, twin, llm):
+    big, _ = models
+    output = llm.generate(PROMPTS[0], big + 0.1 * twin.as_term(speculative_factor="auto"),
+                          la.SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
+    base_passes, auto_passes = output.metrics.term_forward_passes
+    assert output.metrics.accepted_tokens == output.metrics.proposed_tokens
+    assert auto_passes < base_passes / 3
 
 
 @pytest.mark.parametrize("make, message", [

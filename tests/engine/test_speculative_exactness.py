@@ -54,6 +54,7 @@ def _cases(big, small):
                                - 0.2 * big.prompt(RUDE, speculative_factor=3), top_k),
         "union across": (la.Union(big, small.prompt(MAGIC, speculative_factor=2))
                          + 0.5 * small.prompt(RUDE), top_k),
+        "auto factor": (big + 0.5 * small.prompt(RUDE, speculative_factor="auto"), top_k),
         "top-p across": (big + 0.5 * small.prompt(RUDE, speculative_factor=3),
                          dict(temperature=0.8, top_k=8, top_p=0.6)),
         "one-term target, draft model": (la.Speculative(big, small, k=3), top_k),
@@ -98,7 +99,7 @@ def hf_models():
 
 
 @pytest.mark.parametrize("case", ["two terms across", "three terms across", "union across",
-                                  "top-p across", "one-term target, draft model", "draft formula",
+                                  "auto factor", "top-p across", "one-term target, draft model", "draft formula",
                                   "n-gram draft"])
 def test_speculation_samples_the_exact_law(case, models, word_models, llm, hf_models):
     if case == "n-gram draft":

@@ -16,6 +16,8 @@ from typing import Optional
 from ...errors import FormulaError
 from ...formula import Formula, NgramDraft, Plan, Speculative, compile_plan
 from ...formula.plan import plan_norm_bounds, restrict_plan
+from ...formula.terms import AUTO, AUTO_MAX_FACTOR
+from .auto_factor import PRIOR_ACCEPTANCE, choose_factor, smoothed_acceptance
 
 MAX_SPECULATIVE_TERMS = 10   # the partial laws are checked for every subset of these
 
@@ -50,6 +52,14 @@ class SpeculationPlan:
         """The terms computed at every position (factor 1)."""
         return tuple(factor == 1 for factor in self.factors)
 
+    def step_factors(self, accepted: int = 0, proposed: int = 0) -> list[int]:
+        """Each term's factor now: "auto" ones chosen from the acceptance seen so far."""
+        if AUTO not in self.factors:
+            return list(self.factors)
+        acceptance = smoothed_acceptance(accepted, proposed) if proposed else PRIOR_ACCEPTANCE
+        auto = choose_factor(acceptance, float(sum(self.base)), AUTO_MAX_FACTOR)
+        return [auto if factor == AUTO else factor for factor in self.factors]
+
     def law(self, present: tuple[bool, ...]) -> Law:
         """The law tokens are drawn from where exactly the `present` terms are computed."""
         if present not in self._laws:
@@ -62,7 +72,7 @@ class SpeculationPlan:
         if self.full_plan is None:
             raise FormulaError(f"speculative_factor > 1 needs a formula of weighted sums and "
                                f"Union/Intersection of terms; {formula} is not one")
-        if 1 not in self.factors:
+        if 1 not in self.factors:  # "auto" terms may be slow too
             raise FormulaError(f"at least one term of {formula} needs speculative_factor 1: "
                                "the tokens in between are drawn from those terms")
         self._check_partial_laws()
@@ -90,7 +100,7 @@ class SpeculationPlan:
 
     def _check_partial_laws(self) -> None:
         """Every law the engine may draw from must be a distribution (a present term, norm >= 0)."""
-        optional = [t for t, factor in enumerate(self.factors) if factor > 1]
+        optional = [t for t, factor in enumerate(self.factors) if factor != 1]
         if len(optional) > MAX_SPECULATIVE_TERMS:
             raise FormulaError(f"at most {MAX_SPECULATIVE_TERMS} terms may have "
                                f"speculative_factor > 1, got {len(optional)}")

@@ -11,8 +11,9 @@ import torch
 class SpeculationState:
     """Open positions i = 0, 1, ... stand for output positions len(output_ids) + i."""
 
-    def __init__(self, num_terms: int) -> None:
+    def __init__(self, num_terms: int, factors: list[int]) -> None:
         self.num_terms = num_terms
+        self.factors = factors                           # each term's k now ("auto" resolved)
         self.tokens: list[int] = []                      # pending (unverified) tokens
         self.laws: list[Optional[torch.Tensor]] = []     # filtered log-probs; None: a proposal
         self.levels: list[tuple[bool, ...]] = []         # terms the token's law read
