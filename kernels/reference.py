@@ -163,8 +163,14 @@ def filtered_log_probs(log_probs: torch.Tensor, temperature: torch.Tensor, top_k
     Greedy rows (temperature <= 0) come back as log_probs, unfiltered: they use the argmax."""
     if not (temperature > 0).any():
         return log_probs.float()
-    scaled, keep = _kept(log_probs, temperature, top_k, top_p, min_p)
-    law = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
+    vocab_size = log_probs.shape[-1]
+    filters = ((top_k > 0) & (top_k < vocab_size)).any() or (top_p < 1.0).any() or (min_p > 0).any()
+    if filters:
+        scaled, keep = _kept(log_probs, temperature, top_k, top_p, min_p)
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+    else:  # temperature only: the same law without building the masks
+        scaled = log_probs.float() / torch.where(temperature > 0, temperature, 1.0).float()[:, None]
+    law = torch.log_softmax(scaled, dim=-1)
     law = torch.where(torch.isnan(law), float("-inf"), law)
     return torch.where((temperature > 0)[:, None], law, log_probs.float())
 

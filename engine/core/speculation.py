@@ -4,16 +4,17 @@ rows they return, n-gram proposals before the step, and after it the verificatio
 tokens close, a rejection rolls every term's KV back, verified tokens reach the request."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
+from ..decoding import DecodeRow, next_tokens
 from ..decoding.speculative import SpeculationState, VerifyRow, propose_ngram, verify
 from ..kv_cache import BlockManager
 from .request import Request
 from .sequence import Sequence
 
-TakeToken = Callable[[Request, int], None]
+TakeToken = Callable[[Request, Union[int, BaseException]], None]
 
 
 def must_settle(request: Request) -> bool:
@@ -101,7 +102,13 @@ def settle(requests: list[Request], block_manager: BlockManager,
             by_vocab.setdefault(vocab, []).append((request, *turn))
     proposed = accepted = 0
     for group in by_vocab.values():
-        for (request, row, start), result in zip(group, verify([row for _, row, _ in group])):
+        group = _draw_plain(group, take_token)
+        if not group:
+            continue
+        for (request, row, start), result in zip(group, _verify_isolated([row for _, row, _ in group])):
+            if isinstance(result, Exception):
+                take_token(request, result)     # fails this request alone
+                continue
             checked, taken = _apply(request, row, start, result, block_manager)
             proposed, accepted = proposed + checked, accepted + taken
     for request in requests:
@@ -111,6 +118,40 @@ def settle(requests: list[Request], block_manager: BlockManager,
                 break
             take_token(request, token)
     return proposed, accepted
+
+
+def _draw_plain(group: list, take_token: TakeToken) -> list:
+    """Draws with nothing to verify at a position every term computed go through the fused
+    sampler (no filtered law is needed: the token is verified at once); returns the rest."""
+    plain, rest = [], []
+    for request, row, start in group:
+        full = not row.proposals and row.has_bonus and all(row.term_logits[0].get(slot) is not None
+                                                            for slot in range(len(request.sequences)))
+        (plain if full else rest).append((request, row, start))
+    if plain:
+        rows = [DecodeRow(row.laws[0].formula, row.laws[0].plan,
+                          [row.term_logits[0][slot] for slot in row.laws[0].slots], row.params,
+                          row.seed, row.step) for _, row, _ in plain]
+        for (request, _, _), token in zip(plain, next_tokens(rows)):
+            if isinstance(token, Exception):
+                take_token(request, token)
+            else:
+                request.spec_state.push(token, None, (True,) * request.spec_state.num_terms)
+    return rest
+
+
+def _verify_isolated(rows: list[VerifyRow]) -> list:
+    """verify over the batch; when it raises, row by row, so only the culprits fail."""
+    try:
+        return verify(rows)
+    except Exception:
+        results = []
+        for row in rows:
+            try:
+                results.append(verify([row])[0])
+            except Exception as error:  # reported to this request's caller only
+                results.append(error)
+        return results
 
 
 def _apply(request: Request, row: VerifyRow, start: int, result,

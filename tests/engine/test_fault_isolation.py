@@ -165,3 +165,26 @@ def test_closing_the_llm_fails_requests_in_flight_and_later_calls(llama_dir):
             pass
     with pytest.raises(la.RequestAbortedError, match="closed"):
         llm.generate([PROMPT], model, GREEDY)
+
+
+def test_verification_failure_fails_one_speculative_request(llm, llama_dir, wide_dir, monkeypatch):
+    from lmarith.decoding.speculative import verifier
+    model, other = la.Model(str(llama_dir)), la.Model(str(wide_dir))
+    formula = la.Speculative(model, other, k=2)
+    expected = _alone(llm, PROMPT, formula)
+    real_accept = verifier.spec_accept
+
+    def poisoned(target, draft, tokens, num_drafts, seed, step, greedy):
+        if bool((seed == POISON_SEED).any()):
+            raise InjectedFault("verification blew up")
+        return real_accept(target, draft, tokens, num_drafts, seed, step, greedy)
+
+    stream, first = _paused_stream(llm, PROMPT, formula)
+    monkeypatch.setattr(verifier, "spec_accept", poisoned)
+    poison = la.SamplingParams(temperature=0.7, max_tokens=12, seed=POISON_SEED)
+    error = _fails_alongside(llm, lambda: llm.generate(["Paris"], formula, poison))
+    assert isinstance(error, InjectedFault) and "verification" in str(error)
+    assert _finish(stream, first) == expected
+    assert_all_pages_free(llm)
+    check_kv_invariants(llm)
+    assert _alone(llm, PROMPT, formula) == expected
