@@ -77,8 +77,8 @@ def _turn(request: Request) -> Optional[tuple[VerifyRow, int]]:
     plan, state = request.speculation, request.spec_state
     grown = [i for i in range(len(state.tokens)) if state.present(i) != state.levels[i]]
     start, stop = (grown[0], grown[-1] + 1) if grown else (len(state.tokens), len(state.tokens))
-    frontier = len(state.tokens)
-    has_bonus = (stop == frontier and frontier < len(state.logits) and not must_settle(request)
+    frontier = len(state.tokens)     # drawn whenever its always-computed terms are there
+    has_bonus = (frontier < len(state.logits) and not must_settle(request)
                  and all(have or not base for have, base in zip(state.present(frontier), plan.base)))
     if start == stop and not has_bonus:
         return None

@@ -189,3 +189,25 @@ def test_speculative_formulas_round_trip_through_json(models):
                     la.Speculative(big, la.NgramDraft(n=4, min_n=2), k=6),
                     big + 0.2 * small.prompt(RUDE, speculative_factor=3)]:
         assert la.Formula.from_json(formula.to_json()) == formula
+
+
+def test_speculation_under_a_tight_token_budget(models):
+    """Chunked prefill and chunked catch-ups (8 tokens per step for 4 requests) still give
+    the plain tokens, and no request stalls (a deadlock would time out here)."""
+    import threading
+    tight = la.LLM(kv_cache_bytes=8 << 20, max_num_batched_tokens=8, page_tokens=4)
+    results: dict = {}
+
+    def work() -> None:
+        for kind, (speculative, plain) in _kinds(*models).items():
+            results[kind] = (tight.generate(PROMPTS, speculative, GREEDY),
+                             tight.generate(PROMPTS, plain, GREEDY))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "a speculative request stalled under the token budget"
+    for kind, (got, expected) in results.items():
+        assert [o.token_ids for o in got] == [o.token_ids for o in expected], kind
+    assert_all_pages_free(tight)
+    tight.close()

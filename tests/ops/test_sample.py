@@ -285,3 +285,26 @@ def test_uniform_is_bit_exact(device: torch.device) -> None:
     out = torch.empty(len(seed), vocab, device=device)
     _uniform_kernel[(len(seed),)](seed.to(device), step.to(device), out, vocab, BLOCK_V=vocab)
     assert torch.equal(out.cpu(), reference.uniform(seed, step, vocab))
+
+
+def test_filtered_log_probs_is_the_law_sample_draws_from() -> None:
+    """Speculative verification compares filtered laws: they must be the laws `sample`
+    draws from, and the temperature-only shortcut must equal the masked path."""
+    log_probs = torch.log_softmax(torch.randn(2, 7, generator=torch.Generator().manual_seed(3)), -1)
+    def controls(t: float, k: int, p: float, m: float):
+        return (torch.tensor([t, t]), torch.tensor([k, k], dtype=torch.int32),
+                torch.tensor([p, p]), torch.tensor([m, m]))
+
+    shortcut = reference.filtered_log_probs(log_probs, *controls(0.7, 0, 1.0, 0.0))
+    masked = reference.filtered_log_probs(log_probs, *controls(0.7, 0, 1.0, 1e-30))
+    torch.testing.assert_close(shortcut, masked)
+    law = reference.filtered_log_probs(log_probs, *controls(0.8, 5, 0.9, 0.05))
+    draws = 20000
+    seeds = torch.arange(draws, dtype=torch.int64)
+    rows = log_probs[:1].expand(draws, -1)
+    t, k, p, m = (c[:1].expand(draws) for c in controls(0.8, 5, 0.9, 0.05))
+    tokens = reference.sample(rows, t, k, p, m, seeds, torch.zeros(draws, dtype=torch.int64))
+    frequencies = torch.bincount(tokens, minlength=7).double() / draws
+    expected = law[0].exp().double()
+    sigma = (expected * (1 - expected) / draws).sqrt().clamp_min(1e-12)
+    assert bool(((frequencies - expected).abs() <= FREQUENCY_SIGMAS * sigma + 1e-12).all())
