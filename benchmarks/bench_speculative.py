@@ -32,6 +32,7 @@ ECHO_PROMPTS = [
     "Repeat this list exactly, one item per line: apples, bananas, cherries, dates, elderberries, "
     "figs, grapes, honeydew, kiwis, lemons.",
     "Copy this sentence three times: The quick brown fox jumps over the lazy dog.",
+    "Write the numbers from one to twenty in words, separated by commas.",
     "Rename the variable total to result in this code and print the code:\n"
     "def add(values):\n    total = 0\n    for v in values:\n        total += v\n    return total\n",
     "Summarise, reusing its words: The meeting on Monday covered the budget, the hiring plan "
@@ -152,11 +153,12 @@ def section_c(llm, model, args) -> None:
     print("\n### C. Prompt lookup on a 3-term formula, prompts whose answers repeat their context")
     print("| batch | temperature | k | acceptance | tokens/step | ms/token | speed-up |")
     print("|---|---|---|---|---|---|---|")
-    for batch in (1, 8):      # batch 1: each prompt alone in turn; batch 8: each twice at once
+    for batch in (1, 8):      # batch 1: each prompt alone in turn; batch 8: all of them at once
         prompts = ([[p] for p in ECHO_PROMPTS] if batch == 1
                    else [ECHO_PROMPTS[i % len(ECHO_PROMPTS)] for i in range(batch)])
         for temperature in (0.0, 0.7):
-            params = la.SamplingParams(max_tokens=args.tokens, temperature=temperature, ignore_eos=True)
+            # EOS ends a request here: the answer, not what a small model babbles after it
+            params = la.SamplingParams(max_tokens=args.tokens, temperature=temperature)
             variants = {1: formula, **{k: la.Speculative(formula, la.NgramDraft(n=3), k=k) for k in (4, 8)}}
             runs = compare(llm, variants, prompts, params, args.repeats)
             base_time = median_time(runs[1])
