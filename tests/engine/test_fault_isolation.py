@@ -51,25 +51,36 @@ def _fails_alongside(llm, call) -> BaseException:
     return error
 
 
-def test_sampling_failure_fails_one_request_and_a_paused_stream_finishes(llm, llama_dir, monkeypatch):
-    model = la.Model(str(llama_dir))
-    formula = model + la.Union(model.prompt("Magic."), model.prompt("Cats."))
-    expected = _alone(llm, PROMPT, formula)
-    real_sample = sampler.sample
+SEED_ARGUMENT = {"sample": 5, "spec_accept": 4}   # where each op takes its seed tensor
 
-    def poisoned(log_probs, temperature, top_k, top_p, min_p, seed, step):
-        if bool((seed == POISON_SEED).any()):
-            raise InjectedFault("sampling blew up")
-        return real_sample(log_probs, temperature, top_k, top_p, min_p, seed, step)
 
-    stream, first = _paused_stream(llm, PROMPT, formula)
-    monkeypatch.setattr(sampler, "sample", poisoned)
+def _poisoned(real, name: str):
+    """The op `name` raising for rows seeded POISON_SEED."""
+    def call(*args):
+        if bool((args[SEED_ARGUMENT[name]] == POISON_SEED).any()):
+            raise InjectedFault(f"{name} blew up")
+        return real(*args)
+    return call
+
+
+def _one_request_fails_alone(llm, monkeypatch, module, name: str, stream_formula, bad_formula):
+    """A paused stream keeps its tokens while a poisoned op fails the seeded request."""
+    expected = _alone(llm, PROMPT, stream_formula)
+    stream, first = _paused_stream(llm, PROMPT, stream_formula)
+    monkeypatch.setattr(module, name, _poisoned(getattr(module, name), name))
     poison = la.SamplingParams(temperature=0.7, max_tokens=12, seed=POISON_SEED)
-    error = _fails_alongside(llm, lambda: llm.generate(["Paris"], model, poison))
+    error = _fails_alongside(llm, lambda: llm.generate(["Paris"], bad_formula, poison))
     assert isinstance(error, InjectedFault) and "blew up" in str(error)
     assert _finish(stream, first) == expected
     assert_all_pages_free(llm)
-    assert _alone(llm, PROMPT, formula) == expected
+    check_kv_invariants(llm)
+    assert _alone(llm, PROMPT, stream_formula) == expected
+
+
+def test_sampling_failure_fails_one_request_and_a_paused_stream_finishes(llm, llama_dir, monkeypatch):
+    model = la.Model(str(llama_dir))
+    formula = model + la.Union(model.prompt("Magic."), model.prompt("Cats."))
+    _one_request_fails_alone(llm, monkeypatch, sampler, "sample", formula, model)
 
 
 def test_forward_failure_fails_only_the_requests_on_that_model(llm, llama_dir, wide_dir, monkeypatch):
@@ -169,22 +180,5 @@ def test_closing_the_llm_fails_requests_in_flight_and_later_calls(llama_dir):
 
 def test_verification_failure_fails_one_speculative_request(llm, llama_dir, wide_dir, monkeypatch):
     from lmarith.decoding.speculative import verifier
-    model, other = la.Model(str(llama_dir)), la.Model(str(wide_dir))
-    formula = la.Speculative(model, other, k=2)
-    expected = _alone(llm, PROMPT, formula)
-    real_accept = verifier.spec_accept
-
-    def poisoned(target, draft, tokens, num_drafts, seed, step, greedy):
-        if bool((seed == POISON_SEED).any()):
-            raise InjectedFault("verification blew up")
-        return real_accept(target, draft, tokens, num_drafts, seed, step, greedy)
-
-    stream, first = _paused_stream(llm, PROMPT, formula)
-    monkeypatch.setattr(verifier, "spec_accept", poisoned)
-    poison = la.SamplingParams(temperature=0.7, max_tokens=12, seed=POISON_SEED)
-    error = _fails_alongside(llm, lambda: llm.generate(["Paris"], formula, poison))
-    assert isinstance(error, InjectedFault) and "verification" in str(error)
-    assert _finish(stream, first) == expected
-    assert_all_pages_free(llm)
-    check_kv_invariants(llm)
-    assert _alone(llm, PROMPT, formula) == expected
+    formula = la.Speculative(la.Model(str(llama_dir)), la.Model(str(wide_dir)), k=2)
+    _one_request_fails_alone(llm, monkeypatch, verifier, "spec_accept", formula, formula)
