@@ -11,7 +11,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 ENGINE_PACKAGES = ["formula", "core", "kv_cache", "worker", "decoding", "decoding.speculative", "models",
                    "models.loading",
-                   "entrypoints"]
+                   "entrypoints", "entrypoints.openai"]
 
 
 def _torch_has_cuda() -> bool:
@@ -75,7 +75,10 @@ setup(
         "torch==2.13.0", "triton==3.6.0", "numpy==2.3.5", "transformers==5.23.0",
         "tokenizers==0.23.3", "safetensors==0.8.0", "huggingface-hub==2.4.0",
         "accelerate==1.15.0", "gguf==0.19.0", "pybind11==3.1.0",
+        "fastapi==0.163.2", "uvicorn==0.54.0", "prometheus-client==0.26.0", "tqdm==4.70.1",
+        "matplotlib==3.11.2",
     ],
-    extras_require={"test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis==6.155.2"]},
+    extras_require={"test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis==6.155.2",
+                             "httpx==0.28.1", "openai==3.57.0"]},
     entry_points={"console_scripts": ["lmarith=lmarith.entrypoints.cli:main"]},
 )

@@ -9,7 +9,7 @@ from .errors import (CacheExhaustedError, ConfigError, EngineError, FormulaError
                      UnsupportedModelError)
 from .formula import (Classifier, ClassifierSpec, Constant, Formula, Indicator, Intersection, Linear,
                       Max, Min, Model, NgramDraft, Plan, SelfDebias, Speculative, Term, TopPTopK,
-                      Union, compile_plan)
+                      Union, compile_plan, parse_formula)
 from .llm import LLM
 from .outputs import EngineStats, RequestMetrics, RequestOutput, StreamChunk
 from .sampling_params import SamplingParams
@@ -20,5 +20,5 @@ __all__ = [
     "Linear", "LmarithError", "Max", "Min", "Model", "ModelLoadError", "ModelSpec", "NgramDraft", "Plan",
     "PromptError", "RequestAbortedError", "RequestMetrics", "RequestOutput", "SamplingParams",
     "SamplingParamsError", "SelfDebias", "Speculative", "StreamChunk", "Term", "TopPTopK", "Union",
-    "UnsupportedModelError", "compile_plan",
+    "UnsupportedModelError", "compile_plan", "parse_formula",
 ]

@@ -45,11 +45,41 @@ def coefficient(value: Any, what: str) -> float:
     return number
 
 
+def number_text(value: float) -> str:
+    """The shortest text that parses back to the same float ("2" for 2.0)."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def value_text(value: Any) -> str:
+    """A field value in formula-string syntax: formulas as formulas, numbers, quoted strings."""
+    if isinstance(value, Formula):
+        return str(value)
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return number_text(value)
+    return repr(value)
+
+
+def call_text(name: str, *args: Any, **kwargs: Any) -> str:
+    """name(arg, ..., key=value, ...) in formula-string syntax."""
+    parts = [value_text(a) for a in args] + [f"{k}={value_text(v)}" for k, v in kwargs.items()]
+    return f"{name}({', '.join(parts)})"
+
+
 class Formula:
     """Base of every formula node: arithmetic operators, leaves, evaluation, JSON."""
 
     def children(self) -> tuple["Formula", ...]:
         return ()
+
+    def __str__(self) -> str:
+        """Formula-string syntax (lmarith.parse_formula reads it back): sub-formulas as
+        positional arguments, the other fields as keywords."""
+        values = [(f.name, getattr(self, f.name)) for f in fields(self)]
+        return call_text(type(self).__name__, *[v for _, v in values if isinstance(v, Formula)],
+                         **{k: v for k, v in values if not isinstance(v, Formula)})
 
     def evaluate(self, ctx: EvalContext) -> tuple[TypingUnion[float, torch.Tensor], Norm]:
         """Unnormalised (value, norm) of this node; values are [B, V] tensors or floats."""
@@ -167,9 +197,10 @@ def _reject_constant(name: str):
 
 
 def as_formula(value) -> Formula:
-    """Numbers become Constants; formulas pass through."""
+    """Numbers become Constants; formulas pass through in canonical form (a bare Model as
+    its Term), so that equal formulas compare equal however they were written."""
     if isinstance(value, Formula):
-        return value
+        return value.canonical()
     return Constant(coefficient(value, "a constant in a formula"))
 
 
@@ -200,7 +231,7 @@ class Constant(Formula):
         return self.value, self.value
 
     def __str__(self) -> str:
-        return f"{self.value:g}"
+        return call_text("Constant", self.value)
 
 
 @registry.register("linear", plan_role="linear")
@@ -271,10 +302,18 @@ class Linear(Formula):
         return cls(tuple(pairs))
 
     def __str__(self) -> str:
-        text = ""
+        pieces = []
         for child, weight in self.items:
-            sign = " - " if weight < 0 else " + "
             size = abs(weight)
-            text += sign + (str(child) if size == 1 else f"{size:g}*{child}")
-        return text.removeprefix(" + ").replace(" - ", "-", 1) if text.startswith(" - ") \
-            else text.removeprefix(" + ") or "0"
+            body = str(child) if size == 1 else f"{number_text(size)}*{_operand(child)}"
+            pieces.append(("-" if weight < 0 else "+", body))
+        if not pieces:
+            return "Constant(0)"
+        first_sign, first = pieces[0]
+        return ("-" if first_sign == "-" else "") + first + "".join(
+            f" {sign} {body}" for sign, body in pieces[1:])
+
+
+def _operand(child: Formula) -> str:
+    """A child of a product, parenthesised when it is itself a sum."""
+    return f"({child})" if isinstance(child, Linear) else str(child)

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import FormulaError
 from . import registry
-from .node import NEG_INF, EvalContext, Formula, as_formula, coefficient, normalise
+from .node import NEG_INF, EvalContext, Formula, as_formula, call_text, coefficient, normalise
 
 
 def _integer(value, what: str, low: int) -> int:
@@ -56,7 +56,7 @@ class Union(Formula):
         return min(a_low, b_low), max(a_high, b_high)
 
     def __str__(self) -> str:
-        return f"{type(self).__name__}({self.left}, {self.right})"
+        return call_text(type(self).__name__, self.left, self.right)
 
 
 @registry.register("intersection", plan_role="min")

@@ -39,8 +39,6 @@ class NgramDraft(Formula):
     def norm_bounds(self) -> tuple[float, float]:
         return 0.0, 0.0
 
-    def __str__(self) -> str:
-        return f"NgramDraft(n={self.n}, min_n={self.min_n})"
 
 
 @registry.register("speculative")
@@ -57,6 +55,8 @@ class Speculative(Formula):
             if not isinstance(getattr(self, name), Formula):
                 raise FormulaError(f"Speculative's {name} must be a formula, got "
                                    f"{getattr(self, name)!r}")
+        object.__setattr__(self, "target", self.target.canonical())
+        object.__setattr__(self, "draft", self.draft.canonical())
         _count(self.k, "Speculative's k", 1, MAX_FACTOR - 1)
         if isinstance(self.target, (NgramDraft, Speculative)):
             raise FormulaError(f"Speculative's target must be a formula of models, got {self.target}")
@@ -79,6 +79,3 @@ class Speculative(Formula):
 
     def norm_bounds(self) -> tuple[float, float]:
         return self.target.norm_bounds()
-
-    def __str__(self) -> str:
-        return f"Speculative({self.target}, {self.draft}, k={self.k})"

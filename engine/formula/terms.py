@@ -9,10 +9,11 @@ from typing import Optional, Union
 from ..config import ModelSpec
 from ..errors import FormulaError
 from . import registry
-from .node import EvalContext, Formula
+from .node import EvalContext, Formula, call_text
 
 TEMPLATE_FIELDS = {"system", "input"}
 MAX_FACTOR = 64
+DEFAULT_TEMPLATE = "{system}\n{input}"
 AUTO = "auto"              # speculative_factor chosen per request from its acceptance rate
 AUTO_MAX_FACTOR = 8
 Factor = Union[int, str]
@@ -57,7 +58,7 @@ class Model(Formula):
         """The weights this model term runs: what runners and KV views are keyed by."""
         return ModelSpec(self.path, self.dtype)
 
-    def prompt(self, system: str, template: str = "{system}\n{input}",
+    def prompt(self, system: str, template: str = DEFAULT_TEMPLATE,
                speculative_factor: Factor = 1) -> "Term":
         """A term whose context is tokenizer(template.format(system=system, input=text)).
         speculative_factor k > 1: the term runs every k tokens and verifies them (see Term)."""
@@ -84,7 +85,11 @@ class Model(Formula):
         return 1.0, 1.0
 
     def __str__(self) -> str:
-        return f"M({self.path})"
+        return call_text("M", **self.model_fields())
+
+    def model_fields(self) -> dict:
+        """model= (and dtype= when not float32) of the formula-string syntax."""
+        return {"model": self.path, **({"dtype": self.dtype} if self.dtype != "float32" else {})}
 
 
 @registry.register("term", plan_role="term")
@@ -147,9 +152,11 @@ class Term(Formula):
         return self.template.format(system=self.system or "", input=text)
 
     def __str__(self) -> str:
-        factor = (f", speculative_factor={self.speculative_factor!r}"
-                  if self.speculative_factor != 1 else "")
-        if self.system is None and not self.chat:
-            return f"M({self.model.path}{factor})" if factor else str(self.model)
-        kind = "chat" if self.chat else "prompt"
-        return f"M({self.model.path}, {kind}={self.system!r}{factor})"
+        extra = dict(self.model.model_fields())
+        if self.template is not None and self.template != DEFAULT_TEMPLATE or (
+                self.template is not None and self.system is None):
+            extra["template"] = self.template
+        if self.speculative_factor != 1:
+            extra["speculative_factor"] = self.speculative_factor
+        system = () if self.system is None else (self.system,)
+        return call_text("Chat" if self.chat else "M", *system, **extra)
