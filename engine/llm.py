@@ -18,7 +18,9 @@ from .kv_cache import kv_budget
 from .outputs import EngineStats, RequestOutput, StreamChunk
 from .sampling_params import SamplingParams
 
-Prompts = Union[str, Sequence[str]]
+Conversation = list[dict[str, str]]            # [{"role": "user", "content": "..."}, ...]
+Prompt = Union[str, Conversation]
+Prompts = Union[Prompt, Sequence[Prompt]]
 Formulas = Union[Formula, Sequence[Formula]]
 Params = Union[SamplingParams, Sequence[SamplingParams], None]
 
@@ -69,10 +71,11 @@ class LLM:
     def _new_requests(self, prompts: Prompts, formula: Formulas,
                       params: Params) -> list[NewRequest]:
         """Check the call's inputs (types, formulas, prompts) before anything loads or queues."""
-        if isinstance(prompts, str):
+        if isinstance(prompts, str) or _is_conversation(prompts):
             prompts = [prompts]
         elif not isinstance(prompts, (list, tuple)):
-            raise PromptError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+            raise PromptError(f"prompts must be a str, a conversation (list of messages) or a "
+                              f"list of them, got {type(prompts).__name__}")
         formulas = list(formula) if isinstance(formula, (list, tuple)) else [formula] * len(prompts)
         if len(formulas) != len(prompts):
             raise FormulaError(f"got {len(prompts)} prompts but {len(formulas)} formulas; give one "
@@ -114,7 +117,7 @@ class LLM:
         finally:
             self._abort_unfinished(requests)
 
-    def stream(self, prompt: str, formula: Formula,
+    def stream(self, prompt: Prompt, formula: Formula,
                params: Optional[SamplingParams] = None) -> Iterator[StreamChunk]:
         """Yield text as it is generated; the last chunk carries the finish reason. Checks and
         queues the request now; closing the iterator early cancels it."""
@@ -149,7 +152,7 @@ class LLM:
         finally:
             self._abort_unfinished(requests)
 
-    async def astream(self, prompt: str, formula: Formula,
+    async def astream(self, prompt: Prompt, formula: Formula,
                       params: Optional[SamplingParams] = None) -> AsyncIterator[StreamChunk]:
         """stream() for asyncio (what the HTTP server uses); cancelling aborts the request."""
         news = self._new_requests(_one_prompt(prompt), _one_formula(formula), params)
@@ -166,10 +169,15 @@ class LLM:
             self._loop.abort(request)
 
 
-def _one_prompt(prompt) -> str:
-    if not isinstance(prompt, str):
-        raise PromptError(f"stream() takes one prompt string, got {type(prompt).__name__}; "
-                          "use generate() for a batch")
+def _is_conversation(prompts) -> bool:
+    """A list of message dicts is one conversation, not a batch of prompts."""
+    return isinstance(prompts, list) and bool(prompts) and all(isinstance(m, dict) for m in prompts)
+
+
+def _one_prompt(prompt):
+    if not (isinstance(prompt, str) or _is_conversation(prompt)):
+        raise PromptError(f"stream() takes one prompt (a string or a conversation), got "
+                          f"{type(prompt).__name__}; use generate() for a batch")
     return prompt
 
 

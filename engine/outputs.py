@@ -21,16 +21,28 @@ class RequestMetrics:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the formula's normalised law (before
+    temperature and filters), with the `logprobs` most likely alternatives there."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)   # (token_id, text, logprob)
+
+
+@dataclass
 class RequestOutput:
     """The result of one prompt."""
 
     request_id: str
-    prompt: str
+    prompt: Any                       # the text, or the conversation (a list of messages)
     text: str
     token_ids: list[int]
     finish_reason: Optional[str]
     num_preemptions: int = 0
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    logprobs: Optional[list[TokenLogprob]] = None    # one per token when params.logprobs is set
 
 
 @dataclass
@@ -40,6 +52,7 @@ class StreamChunk:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    logprobs: Optional[list[TokenLogprob]] = None
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from .errors import SamplingParamsError
 
 __all__ = ["SamplingParams", "SamplingParamsError"]
+MAX_LOGPROBS = 20
 
 
 def _check(condition: bool, message: str) -> None:
@@ -47,6 +48,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: Optional[int] = None   # report each token's log-prob and this many alternatives
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _string_list("stop", self.stop))
@@ -79,4 +81,6 @@ class SamplingParams:
                f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
         _check(isinstance(self.ignore_eos, bool),
                f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        _check(self.logprobs is None or (_is_integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               f"logprobs must be None or an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
         return self

@@ -6,11 +6,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from ..decoding.speculative import SpeculationPlan, SpeculationState
 from ..formula import Formula, Plan
-from ..outputs import RequestMetrics, RequestOutput, StreamChunk
+from ..outputs import RequestMetrics, RequestOutput, StreamChunk, TokenLogprob
 from ..sampling_params import SamplingParams
 from .detokenizer import Detokenizer
 from .sequence import Sequence
@@ -27,7 +27,7 @@ class Request:
     """Scheduler-facing state of one request (owned by the engine loop's thread)."""
 
     request_id: str
-    prompt: str
+    prompt: Any                       # text, or a conversation (list of messages)
     formula: Formula
     plan: Optional[Plan]
     params: SamplingParams
@@ -45,6 +45,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: Optional[float] = None
     sent_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     speculation: Optional[SpeculationPlan] = None    # None: one token per step
     spec_state: Optional[SpeculationState] = None
 
@@ -62,8 +63,11 @@ class Request:
         """Pages all terms need for their prompt plus max_tokens (the request's worst case)."""
         return sum(seq.pages_needed(seq.prompt_len + self.params.max_tokens) for seq in self.sequences)
 
-    def append_token(self, token: int) -> Optional[str]:
-        """Record a sampled token; the finish reason it causes (EOS, stop, length), if any."""
+    def append_token(self, token: int, sampled=None) -> Optional[str]:
+        """Record a sampled token (and its logprobs, from a decoding.Sampled, when asked
+        for); the finish reason it causes (EOS, stop, length), if any."""
+        if self.params.logprobs is not None and sampled is not None:
+            self.logprobs.append(self._token_logprob(token, sampled))
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
             self.metrics.time_to_first_token = self.first_token_time - self.arrival_time
@@ -77,6 +81,11 @@ class Request:
             return "length"
         return None
 
+    def _token_logprob(self, token: int, sampled) -> TokenLogprob:
+        decode = self.detokenizer.tokenizer.decode
+        return TokenLogprob(token, decode([token]), sampled.logprob,
+                            [(t, decode([t]), lp) for t, lp in sampled.top or []])
+
     def mark_finished(self, reason: str, error: Optional[BaseException] = None) -> None:
         """Final status; the detokenizer releases the text it held back."""
         self.status = RequestStatus.FINISHED
@@ -89,11 +98,13 @@ class Request:
     def take_chunk(self) -> StreamChunk:
         """Text and tokens not handed out yet (finish_reason once finished)."""
         tokens = self.output_ids[self.sent_tokens:]
+        logprobs = self.logprobs[self.sent_tokens:] if self.params.logprobs is not None else None
         self.sent_tokens = len(self.output_ids)
         return StreamChunk(self.detokenizer.take_ready(), tokens,
-                           self.finish_reason if self.is_finished else None)
+                           self.finish_reason if self.is_finished else None, logprobs)
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.detokenizer.text,
                              list(self.output_ids), self.finish_reason, self.num_preemptions,
-                             self.metrics)
+                             self.metrics,
+                             list(self.logprobs) if self.params.logprobs is not None else None)

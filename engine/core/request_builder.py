@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 
 from ..decoding.speculative import SpeculationState, speculation_plan
-from ..errors import CacheExhaustedError, ConfigError, FormulaError, PromptError
+from ..errors import CacheExhaustedError, ConfigError, FormulaError, PromptError, SamplingParamsError
 from ..formula import Formula, compile_plan, served_by_engine
 from ..sampling_params import SamplingParams
 from ..worker import Worker
@@ -22,24 +22,50 @@ class NewRequest:
     """A request as submitted, before validation."""
 
     request_id: str
-    prompt: str
+    prompt: object          # text, or a conversation (list of {"role", "content"} messages)
     formula: Formula
     params: SamplingParams
 
 
-def check_prompt(prompt) -> str:
-    """A prompt must be non-empty text that UTF-8 can encode."""
+ROLES = ("system", "user", "assistant")
+
+
+def check_conversation(messages) -> list[dict[str, str]]:
+    """A conversation: a non-empty list of {"role": system|user|assistant, "content": text};
+    returns a copy, so the caller's later edits cannot reach the engine."""
+    if not messages:
+        raise PromptError("the conversation has no messages; give at least one user message")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content", "name"} or \
+                message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise PromptError(f"message {index} must be {{\"role\": one of {', '.join(ROLES)}, "
+                              f"\"content\": text}}, got {message!r:.80}")
+        checked.append({"role": message["role"], "content": check_text(message["content"], index)})
+    return checked
+
+
+def check_prompt(prompt):
+    """A prompt is non-empty text that UTF-8 can encode, or a conversation (list of messages)."""
+    if isinstance(prompt, list):
+        return check_conversation(prompt)
     if not isinstance(prompt, str):
         raise PromptError(f"a prompt must be a str, got {type(prompt).__name__} ({prompt!r:.60}); "
                           "decode bytes first and pass one string per prompt")
     if not prompt:
         raise PromptError("the prompt is empty; give at least one character of text")
+    return check_text(prompt)
+
+
+def check_text(text: str, message: int = None) -> str:
+    """Text must be valid Unicode (no lone surrogates)."""
     try:
-        prompt.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise PromptError(f"the prompt is not valid Unicode text ({error.reason} at position "
+        where = "the prompt" if message is None else f"message {message}"
+        raise PromptError(f"{where} is not valid Unicode text ({error.reason} at position "
                           f"{error.start}); remove lone surrogates") from None
-    return prompt
+    return text
 
 
 def check_formula(formula, max_terms: int) -> Formula:
@@ -88,6 +114,9 @@ class RequestBuilder:
         request.metrics.prompt_tokens = sum(seq.prompt_len for seq in sequences)
         request.metrics.term_forward_passes = [0] * len(sequences)
         request.speculation = speculation_plan(formula)
+        if request.speculation is not None and params.logprobs is not None:
+            raise SamplingParamsError("logprobs are not reported for speculative formulas yet; "
+                                      "drop logprobs or the speculation")
         if request.speculation is not None:
             request.spec_state = SpeculationState(len(sequences), request.speculation.step_factors())
         self._check_fits(request)

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..decoding import DecodeRow, next_tokens
+from ..decoding import DecodeRow, Sampled, next_tokens
 from ..errors import CacheExhaustedError
 from ..kv_cache import BlockManager
 from .request import Request, RequestStatus
@@ -179,12 +179,14 @@ class Scheduler:
                 self.block_manager.commit(seq, min(seq.num_computed, verified))
 
     def _take_token(self, request: Request, token) -> None:
-        """Append a sampled token (or fail the request with the exception it raised)."""
+        """Append a token, an int or a Sampled with its logprobs (or fail the request with
+        the exception it raised)."""
         try:
             if isinstance(token, BaseException):
                 raise token
             self.counters.tokens_generated += 1
-            reason = request.append_token(token)
+            reason = (request.append_token(token.token, token) if isinstance(token, Sampled)
+                      else request.append_token(token))
         except Exception as error:  # this request fails alone
             self.finish(request, "error", error)
             return

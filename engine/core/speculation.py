@@ -136,7 +136,7 @@ def _draw_plain(group: list, take_token: TakeToken) -> list:
             if isinstance(token, Exception):
                 take_token(request, token)
             else:
-                request.spec_state.push(token, None, (True,) * request.spec_state.num_terms)
+                request.spec_state.push(token.token, None, (True,) * request.spec_state.num_terms)
     return rest
 
 

@@ -6,26 +6,38 @@ from ..errors import FormulaError, PromptError
 from ..formula import Term
 
 
-def term_context_ids(term: Term, tokenizer, text: str) -> list[int]:
-    """Token ids of the term's context for this user text.
+def term_context_ids(term: Term, tokenizer, prompt) -> list[int]:
+    """Token ids of the term's context for this prompt (user text or a conversation).
 
-    bare model: tokenizer(text) with the tokenizer's own special tokens (so a single model
-    matches transformers); prompt: tokenizer(template.format(system=..., input=text));
-    chat: the tokenizer's chat template with the system prompt and a generation prompt.
+    text: a bare model reads tokenizer(text) with the tokenizer's own special tokens (so a
+    single model matches transformers); a prompt term tokenizer(template.format(system=...,
+    input=text)); a chat term the chat template over its system prompt and the text.
+    conversation: every term reads its chat template over [its own system prompt, if any,
+    replacing the conversation's] + the messages, with a generation prompt.
     """
-    if term.chat:
-        messages = [{"role": "user", "content": text}]
-        if term.system:
-            messages.insert(0, {"role": "system", "content": term.system})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    if isinstance(prompt, list):
+        messages = [m for m in prompt if not (term.system and m["role"] == "system")]
+        ids = _chat_ids(term, tokenizer, _with_system(term.system, messages))
+    elif term.chat:
+        ids = _chat_ids(term, tokenizer, _with_system(term.system, [{"role": "user", "content": prompt}]))
     else:
-        ids = tokenizer(term.context_text(text))["input_ids"]
-    ids = list(ids)
+        ids = list(tokenizer(term.context_text(prompt))["input_ids"])
     if not ids:
-        raise PromptError(f"the prompt {text!r} tokenises to nothing for term {term}; "
+        raise PromptError(f"the prompt {prompt!r:.80} tokenises to nothing for term {term}; "
                           "give a non-empty prompt")
     return ids
+
+
+def _with_system(system, messages: list) -> list:
+    return ([{"role": "system", "content": system}] if system else []) + list(messages)
+
+
+def _chat_ids(term: Term, tokenizer, messages: list) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise PromptError(f"model {term.model.path} has no chat template, so it cannot read a "
+                          "chat or a conversation; send plain text, or use a model with one")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def check_same_vocabulary(tokenizers: dict) -> int:

@@ -28,6 +28,16 @@ class DecodeRow:
     step: int
 
 
+@dataclass
+class Sampled:
+    """A drawn token, with its log-prob under the row's composed law and the most likely
+    alternatives (token, log-prob) when the request asked for logprobs."""
+
+    token: int
+    logprob: Optional[float] = None
+    top: Optional[list[tuple[int, float]]] = None
+
+
 def sampling_tensors(rows: Sequence[DecodeRow], vocab_size: int, device: torch.device):
     """Per-row kernel controls; top_k beyond the vocabulary means off (0), never an overflow."""
     params = [row.params for row in rows]
@@ -38,22 +48,30 @@ def sampling_tensors(rows: Sequence[DecodeRow], vocab_size: int, device: torch.d
     return tuple(torch.tensor(values, dtype=dtype, device=device) for dtype, values in columns)
 
 
-def _draw(rows: Sequence[DecodeRow]) -> list[int]:
+def _draw(rows: Sequence[DecodeRow]) -> list[Sampled]:
     log_probs = compose([r.formula for r in rows], [r.plan for r in rows], [r.term_logits for r in rows])
-    tokens = sample(log_probs, *sampling_tensors(rows, log_probs.shape[-1], log_probs.device))
-    return tokens.tolist()
+    tokens = sample(log_probs, *sampling_tensors(rows, log_probs.shape[-1], log_probs.device)).tolist()
+    drawn = [Sampled(token) for token in tokens]
+    for index, row in enumerate(rows):
+        wanted = row.params.logprobs
+        if wanted is not None:
+            law = log_probs[index]
+            top = torch.topk(law, min(wanted, law.shape[-1])) if wanted else None
+            drawn[index].logprob = float(law[tokens[index]])
+            drawn[index].top = list(zip(top.indices.tolist(), top.values.tolist())) if top else []
+    return drawn
 
 
-def next_tokens(rows: Sequence[DecodeRow]) -> list[Union[int, Exception]]:
+def next_tokens(rows: Sequence[DecodeRow]) -> list[Union[Sampled, Exception]]:
     """A token per row, in order, or the exception that row raised; rows are grouped by
     vocabulary size, and a failing group is redone row by row to find the culprits."""
     groups: dict[int, list[int]] = {}
     for index, row in enumerate(rows):
         groups.setdefault(row.term_logits[0].shape[-1], []).append(index)
-    results: list[Union[int, Exception]] = [0] * len(rows)
+    results: list[Union[Sampled, Exception]] = [Sampled(0)] * len(rows)
     for indices in groups.values():
         try:
-            drawn: list[Union[int, Exception]] = _draw([rows[i] for i in indices])
+            drawn: list[Union[Sampled, Exception]] = _draw([rows[i] for i in indices])
         except Exception:
             drawn = [_draw_alone(rows[i]) for i in indices]
         for index, token in zip(indices, drawn):
@@ -61,7 +79,7 @@ def next_tokens(rows: Sequence[DecodeRow]) -> list[Union[int, Exception]]:
     return results
 
 
-def _draw_alone(row: DecodeRow) -> Union[int, Exception]:
+def _draw_alone(row: DecodeRow) -> Union[Sampled, Exception]:
     try:
         return _draw([row])[0]
     except Exception as error:  # reported to this request's caller only
