@@ -53,6 +53,7 @@ class StreamChunk:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     logprobs: Optional[list[TokenLogprob]] = None
+    metrics: Optional[RequestMetrics] = None          # on the last chunk
 
 
 @dataclass

@@ -100,8 +100,9 @@ class Request:
         tokens = self.output_ids[self.sent_tokens:]
         logprobs = self.logprobs[self.sent_tokens:] if self.params.logprobs is not None else None
         self.sent_tokens = len(self.output_ids)
-        return StreamChunk(self.detokenizer.take_ready(), tokens,
-                           self.finish_reason if self.is_finished else None, logprobs)
+        done = self.is_finished
+        return StreamChunk(self.detokenizer.take_ready(), tokens, self.finish_reason if done else None,
+                           logprobs, self.metrics if done else None)
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.detokenizer.text,
