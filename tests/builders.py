@@ -96,8 +96,13 @@ def call_alongside(llm, call):
     import threading
     import time
 
-    gate = threading.Event()
-    llm._loop.call(gate.wait)
+    gate, parked = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the loop drains its queue before it runs this, so count after
+        parked.set()
+        gate.wait()
+    llm._loop.call(hold)
+    assert parked.wait(30), "the engine loop never ran the parking command"
     outcome: dict = {}
 
     def caller() -> None:

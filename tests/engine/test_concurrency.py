@@ -21,9 +21,16 @@ def _formulas(directory):
 
 
 def _hold_engine(llm: la.LLM) -> threading.Event:
-    """Park the engine thread until the returned event is set (commands queue meanwhile)."""
-    gate = threading.Event()
-    llm._loop.call(gate.wait)
+    """Park the engine thread until the returned event is set (commands queue meanwhile).
+    Returns only once the loop is inside the parking command: before that it may still be
+    draining the queue, and would take later commands with it, out of the queue's count."""
+    gate, parked = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        parked.set()
+        gate.wait()
+    llm._loop.call(hold)
+    assert parked.wait(30), "the engine loop never ran the parking command"
     return gate
 
 
