@@ -10,6 +10,7 @@ from .errors import (CacheExhaustedError, ConfigError, EngineError, FormulaError
 from .formula import (Classifier, ClassifierSpec, Constant, Formula, Indicator, Intersection, Linear,
                       Max, Min, Model, NgramDraft, Plan, SelfDebias, Speculative, Term, TopPTopK,
                       Union, compile_plan, parse_formula)
+from . import methods
 from .llm import LLM
 from .outputs import EngineStats, RequestMetrics, RequestOutput, StreamChunk, TokenLogprob
 from .sampling_params import SamplingParams
@@ -20,5 +21,5 @@ __all__ = [
     "Linear", "LmarithError", "Max", "Min", "Model", "ModelLoadError", "ModelSpec", "NgramDraft", "Plan",
     "PromptError", "RequestAbortedError", "RequestMetrics", "RequestOutput", "SamplingParams",
     "SamplingParamsError", "SelfDebias", "Speculative", "StreamChunk", "TokenLogprob", "Term", "TopPTopK", "Union",
-    "UnsupportedModelError", "compile_plan", "parse_formula",
+    "UnsupportedModelError", "compile_plan", "methods", "parse_formula",
 ]

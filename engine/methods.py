@@ -1,0 +1,59 @@
+"""Named decoding-time methods as one-liners: each returns a formula, so it runs wherever a
+formula does (LLM.generate and stream, the server's `formula` field, speculation). Terms are
+log-probabilities l = log_softmax(logits); the papers' logit equations differ from these by a
+constant per position, which the final softmax removes, so the laws are the papers'.
+
+    import lmarith as la
+    f = la.methods.classifier_free_guidance(m.prompt("Write formally."), m, guidance_scale=1.5)
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .errors import FormulaError
+from .formula import Formula, SelfDebias, TopPTopK, Union
+from .formula.node import coefficient
+
+__all__ = ["classifier_free_guidance", "dexperts", "emulated_fine_tuning", "proxy_tuning",
+           "self_debiasing"]
+
+
+def classifier_free_guidance(conditional: Formula, unconditional: Formula,
+                             guidance_scale: float = 1.5) -> Formula:
+    """CFG for language models (Sanchez et al., arXiv 2306.17806): l_u + g (l_c - l_u);
+    g = 1 is the conditional model alone, g ~ 1.5 is typical."""
+    scale = coefficient(guidance_scale, "guidance_scale")
+    return unconditional + scale * (conditional - unconditional)
+
+
+def dexperts(base: Formula, expert: Formula, anti_expert: Formula, alpha: float = 2.0,
+             top_p: float = 0.9) -> Formula:
+    """DExperts (Liu et al., arXiv 2105.03023): the base's top-p nucleus first, then
+    l_base + alpha (l_expert - l_anti) on it (-inf outside the nucleus)."""
+    weight = coefficient(alpha, "alpha")
+    return TopPTopK(base, top_p=top_p) + weight * (expert - anti_expert)
+
+
+def proxy_tuning(base: Formula, tuned: Formula, untuned: Formula, alpha: float = 1.0) -> Formula:
+    """Proxy-tuning (Liu et al., arXiv 2401.08565): l_base + alpha (l_tuned - l_untuned), a
+    small tuned/untuned pair steering a large base model."""
+    return base + coefficient(alpha, "alpha") * (tuned - untuned)
+
+
+def emulated_fine_tuning(large_base: Formula, small_tuned: Formula, small_base: Formula,
+                         beta: float = 1.0) -> Formula:
+    """EFT up-scaling (Mitchell et al., arXiv 2310.12962): l_large_base + beta
+    (l_small_tuned - l_small_base), the small model's fine-tuning transplanted onto the large."""
+    return large_base + coefficient(beta, "beta") * (small_tuned - small_base)
+
+
+def self_debiasing(model: Formula, biased: Sequence[Formula], strength: float = 50.0) -> Formula:
+    """Self-debiasing (Schick et al., arXiv 2103.00453): push down every token the model finds
+    more likely when prompted to be biased (`biased`: e.g. m.prompt("The following text is
+    rude:")), by exp(strength * min(p - max_biased p, 0)), as the paper's decay function."""
+    biased = list(biased)
+    if not biased:
+        raise FormulaError("self_debiasing needs at least one biased formula, e.g. "
+                           "m.prompt('The following text contains rude language:')")
+    bias = biased[0] if len(biased) == 1 else Union(*biased)
+    return SelfDebias(model, bias, strength=strength)
