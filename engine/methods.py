@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from .errors import FormulaError
-from .formula import Formula, SelfDebias, TopPTopK, Union
+from .formula import Formula, Plausible, SelfDebias, TopPTopK, Union
 from .formula.node import coefficient
 
-__all__ = ["classifier_free_guidance", "dexperts", "emulated_fine_tuning", "proxy_tuning",
+__all__ = ["classifier_free_guidance", "contrastive_decoding", "dexperts", "emulated_fine_tuning", "proxy_tuning",
            "self_debiasing"]
 
 
@@ -24,6 +24,12 @@ def classifier_free_guidance(conditional: Formula, unconditional: Formula,
     g = 1 is the conditional model alone, g ~ 1.5 is typical."""
     scale = coefficient(guidance_scale, "guidance_scale")
     return unconditional + scale * (conditional - unconditional)
+
+
+def contrastive_decoding(expert: Formula, amateur: Formula, alpha: float = 0.1) -> Formula:
+    """Contrastive decoding (Li et al., arXiv 2210.15097): l_expert - l_amateur on the tokens
+    with p_expert >= alpha * max p_expert, -inf elsewhere (norm 0: only the softmax applies)."""
+    return Plausible(expert - amateur, expert, alpha=alpha)
 
 
 def dexperts(base: Formula, expert: Formula, anti_expert: Formula, alpha: float = 2.0,

@@ -5,8 +5,8 @@ whether the engine serves it), which `plan` reads to compile a formula into the 
 the fused combine kernels take. `parser` reads formula strings (the syntax str(formula) prints); `speculative` holds Speculative(target, draft, k) and the model-free NgramDraft.
 Nothing here knows about the engine."""
 from .node import Constant, EvalContext, Formula, Linear, as_formula, normalise
-from .operators import (Classifier, ClassifierSpec, Indicator, Intersection, Max, Min, SelfDebias,
-                        TopPTopK, Union)
+from .operators import (Classifier, ClassifierSpec, Indicator, Intersection, Max, Min, Plausible,
+                        SelfDebias, TopPTopK, Union)
 from .parser import parse_formula
 from .plan import Plan, compile_plan, served_by_engine, stack_plans
 from .registry import NodeInfo, node_info, register, registered_ops
@@ -15,7 +15,8 @@ from .terms import Model, Term
 
 __all__ = [
     "Classifier", "ClassifierSpec", "Constant", "EvalContext", "Formula", "Indicator",
-    "Intersection", "Linear", "Max", "Min", "Model", "NgramDraft", "NodeInfo", "Plan", "SelfDebias", "Speculative", "Term",
-    "TopPTopK", "Union", "as_formula", "compile_plan", "node_info", "normalise", "parse_formula", "register",
-    "registered_ops", "served_by_engine", "stack_plans",
+    "Intersection", "Linear", "Max", "Min", "Model", "NgramDraft", "NodeInfo", "Plan",
+    "Plausible", "SelfDebias", "Speculative", "Term", "TopPTopK", "Union", "as_formula",
+    "compile_plan", "node_info", "normalise", "parse_formula", "register", "registered_ops",
+    "served_by_engine", "stack_plans",
 ]

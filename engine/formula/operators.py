@@ -1,8 +1,9 @@
 """Formula nodes beyond linear arithmetic: Union/Intersection, filtering, self-debiasing,
-indicators and classifier guidance. Each evaluates to an unnormalised (value, norm) pair
+indicators, the plausibility constraint and classifier guidance. Each evaluates to an unnormalised (value, norm) pair
 (conventions in node.py) and registers itself with its capabilities."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -186,6 +187,37 @@ class Indicator(Formula):
 
     def norm_bounds(self):
         return 0.0, 1.0
+
+
+@registry.register("plausible")
+@dataclass(frozen=True)
+class Plausible(Formula):
+    """f restricted to the tokens `reference` finds plausible, p_ref(x) >= alpha * max p_ref
+    (contrastive decoding's adaptive plausibility constraint); -inf elsewhere, norm(f)."""
+
+    formula: Formula
+    reference: Formula
+    alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formula", as_formula(self.formula))
+        object.__setattr__(self, "reference", as_formula(self.reference))
+        object.__setattr__(self, "alpha", coefficient(self.alpha, "Plausible's alpha"))
+        if not 0 < self.alpha <= 1:
+            raise FormulaError(f"Plausible needs 0 < alpha <= 1, got {self.alpha}")
+
+    def children(self):
+        return self.formula, self.reference
+
+    def evaluate(self, ctx: EvalContext):
+        value, norm = self.formula.evaluate(ctx)
+        reference = normalise(*self.reference.evaluate(ctx))
+        threshold = reference.max(dim=-1, keepdim=True).values + math.log(self.alpha)
+        value = torch.as_tensor(value, device=reference.device).expand_as(reference)
+        return torch.where(reference >= threshold, value, NEG_INF), norm
+
+    def norm_bounds(self):
+        return self.formula.norm_bounds()
 
 
 @dataclass(frozen=True)

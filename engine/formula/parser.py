@@ -7,7 +7,7 @@ and the operator precedence users expect, which a hand grammar would only repeat
 Names: `M(system, model=, template=, speculative_factor=, dtype=)` (no system: the bare
 model), `Chat(system, model=, speculative_factor=, dtype=)`, and every formula node by its
 class name (Union, Intersection, Max, Min, TopPTopK, SelfDebias, Indicator, Constant,
-Speculative, NgramDraft). `model=` is a name of `models` (the first is the default) or a path.
+Plausible, Speculative, NgramDraft). `model=` is a name of `models` (the first is the default) or a path.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Union as TypingUnion
 
 from ..errors import FormulaError
 from .node import Constant, Formula
-from .operators import Indicator, Intersection, SelfDebias, TopPTopK, Union
+from .operators import Indicator, Intersection, Plausible, SelfDebias, TopPTopK, Union
 from .speculative import NgramDraft, Speculative
 from .terms import DEFAULT_TEMPLATE, Model, Term
 
@@ -25,7 +25,7 @@ MAX_LENGTH = 100_000
 NODES: dict[str, Callable[..., Formula]] = {
     "Union": Union, "Intersection": Intersection, "Max": Union, "Min": Intersection,
     "TopPTopK": TopPTopK, "SelfDebias": SelfDebias, "Indicator": Indicator, "Constant": Constant,
-    "Speculative": Speculative, "NgramDraft": NgramDraft,
+    "Speculative": Speculative, "NgramDraft": NgramDraft, "Plausible": Plausible,
 }
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
              ast.Div: operator.truediv}

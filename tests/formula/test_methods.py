@@ -71,10 +71,26 @@ def test_methods_run_in_the_engine_as_the_reference_decodes(llama_dir, wide_dir)
     base, other = la.Model(str(llama_dir)), la.Model(str(wide_dir))
     formulas = [proxy_tuning(base, other.prompt("You are kind."), other),
                 dexperts(base, base.prompt("You are kind."), base.prompt("You are rude.")),
-                classifier_free_guidance(base.prompt("Talk about cats."), base)]
+                classifier_free_guidance(base.prompt("Talk about cats."), base),
+                la.methods.contrastive_decoding(base, other, alpha=0.1)]
     llm = la.LLM(kv_cache_bytes=4 << 20)
     params = la.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     for formula in formulas:
         got = llm.generate(["The cat sat"], formula, params)[0].token_ids
         assert got == reference.generate(formula, ["The cat sat"], 6, stop_at_eos=False)[0].token_ids
     llm.close()
+
+
+def test_contrastive_decoding(logits):
+    from lmarith.methods import contrastive_decoding
+    formula = contrastive_decoding(A, B, alpha=0.1)
+    got = _law(formula, logits)
+    expert, amateur = _l(logits, A), _l(logits, B)
+    plausible = expert.exp() >= 0.1 * expert.exp().max()
+    want = torch.log_softmax(torch.where(plausible, expert - amateur, float("-inf")), -1)
+    assert torch.equal(torch.isinf(got), ~plausible) and 1 < int(plausible.sum()) < VOCAB
+    torch.testing.assert_close(got[plausible], want[plausible])
+    assert la.parse_formula(str(formula)) == formula
+    assert la.Formula.from_json(formula.to_json()) == formula
+    with pytest.raises(la.FormulaError, match="alpha"):
+        contrastive_decoding(A, B, alpha=0)
