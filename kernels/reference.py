@@ -138,13 +138,17 @@ def _top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return (mass_greater < top_p.double()[:, None]) | (top_p[:, None] >= 1.0)
 
 
+def _safe_temperature(temperature: torch.Tensor) -> torch.Tensor:
+    """Per-row divisor [B, 1]: the temperature, or 1 for greedy rows (they use the argmax)."""
+    return torch.where(temperature > 0, temperature, 1.0).float()[:, None]
+
+
 def _kept(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
           top_p: torch.Tensor, min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_probs / T, mask of the tokens temperature, top-k, top-p and min-p keep)."""
     log_probs = log_probs.float()
     vocab_size = log_probs.shape[-1]
-    safe_t = torch.where(temperature > 0, temperature, 1.0).float()[:, None]
-    scaled = log_probs / safe_t
+    scaled = log_probs / _safe_temperature(temperature)
     keep = torch.isfinite(scaled)
     if ((top_k > 0) & (top_k < vocab_size)).any():      # skipped sorts change no mask
         keep &= _top_k_mask(scaled, top_k)
@@ -169,7 +173,7 @@ def filtered_log_probs(log_probs: torch.Tensor, temperature: torch.Tensor, top_k
         scaled, keep = _kept(log_probs, temperature, top_k, top_p, min_p)
         scaled = scaled.masked_fill(~keep, float("-inf"))
     else:  # temperature only: the same law without building the masks
-        scaled = log_probs.float() / torch.where(temperature > 0, temperature, 1.0).float()[:, None]
+        scaled = log_probs.float() / _safe_temperature(temperature)
     law = torch.log_softmax(scaled, dim=-1)
     law = torch.where(torch.isnan(law), float("-inf"), law)
     return torch.where((temperature > 0)[:, None], law, log_probs.float())

@@ -59,6 +59,11 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def is_end_token(self, token: int) -> bool:
+        """True for a stop token id, or EOS unless ignore_eos."""
+        return token in self.params.stop_token_ids or (
+            token in self.eos_token_ids and not self.params.ignore_eos)
+
     def pages_needed(self) -> int:
         """Pages all terms need for their prompt plus max_tokens (the request's worst case)."""
         return sum(seq.pages_needed(seq.prompt_len + self.params.max_tokens) for seq in self.sequences)
@@ -73,9 +78,7 @@ class Request:
             self.metrics.time_to_first_token = self.first_token_time - self.arrival_time
         self.output_ids.append(token)
         stopped = self.detokenizer.append(token)
-        ends = token in self.params.stop_token_ids or (
-            token in self.eos_token_ids and not self.params.ignore_eos)
-        if stopped or ends:
+        if stopped or self.is_end_token(token):
             return "stop"
         if len(self.output_ids) >= self.params.max_tokens:
             return "length"

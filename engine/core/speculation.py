@@ -4,6 +4,7 @@ rows they return, n-gram proposals before the step, and after it the verificatio
 tokens close, a rejection rolls every term's KV back, verified tokens reach the request."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -25,9 +26,7 @@ def must_settle(request: Request) -> bool:
         return False
     if len(request.output_ids) + len(state.tokens) >= request.params.max_tokens:
         return True
-    last = state.tokens[-1]
-    return last in request.params.stop_token_ids or (
-        last in request.eos_token_ids and not request.params.ignore_eos)
+    return request.is_end_token(state.tokens[-1])
 
 
 def due_counts(request: Request) -> list[int]:
@@ -71,9 +70,19 @@ def store_logits(request: Request, work: list[tuple[Sequence, int, int]],
             state.put_logits(last - wanted + 1 + offset, slot, row)
 
 
-def _turn(request: Request) -> Optional[tuple[VerifyRow, int]]:
-    """This step's verification (or plain draw) for one request and the first open position
-    it checks, if it has one."""
+@dataclass
+class Turn:
+    """One request's work in this step's verification: its row, the first open position the
+    row checks, and the positions whose computed terms grew (the ones really verified)."""
+
+    request: Request
+    row: VerifyRow
+    start: int
+    grown: list[int]
+
+
+def _turn(request: Request) -> Optional[Turn]:
+    """This step's verification (or plain draw) for one request, if it has one."""
     plan, state = request.speculation, request.spec_state
     grown = [i for i in range(len(state.tokens)) if state.present(i) != state.levels[i]]
     start, stop = (grown[0], grown[-1] + 1) if grown else (len(state.tokens), len(state.tokens))
@@ -87,29 +96,29 @@ def _turn(request: Request) -> Optional[tuple[VerifyRow, int]]:
                     [state.logits[i] for i in positions], state.tokens[start:stop],
                     state.laws[start:stop], has_bonus, request.params, request.seed,
                     state.next_random_step())
-    return row, start
+    return Turn(request, row, start, grown)
 
 
 def settle(requests: list[Request], block_manager: BlockManager,
            take_token: TakeToken) -> tuple[int, int]:
     """Verify and draw for every speculative request of the step, then close verified tokens.
     Returns the step's (proposed, accepted) token counts."""
-    by_vocab: dict[int, list[tuple[Request, VerifyRow, int]]] = {}
+    by_vocab: dict[int, list[Turn]] = {}
     for request in requests:
         turn = _turn(request)
         if turn is not None:
-            vocab = next(iter(turn[0].term_logits[0].values())).shape[-1]
-            by_vocab.setdefault(vocab, []).append((request, *turn))
+            vocab = next(iter(turn.row.term_logits[0].values())).shape[-1]
+            by_vocab.setdefault(vocab, []).append(turn)
     proposed = accepted = 0
     for group in by_vocab.values():
         group = _draw_plain(group, take_token)
         if not group:
             continue
-        for (request, row, start), result in zip(group, _verify_isolated([row for _, row, _ in group])):
+        for turn, result in zip(group, _verify_isolated([turn.row for turn in group])):
             if isinstance(result, Exception):
-                take_token(request, result)     # fails this request alone
+                take_token(turn.request, result)     # fails this request alone
                 continue
-            checked, taken = _apply(request, row, start, result, block_manager)
+            checked, taken = _apply(turn, result, block_manager)
             proposed, accepted = proposed + checked, accepted + taken
     for request in requests:
         while not request.is_finished:
@@ -120,23 +129,24 @@ def settle(requests: list[Request], block_manager: BlockManager,
     return proposed, accepted
 
 
-def _draw_plain(group: list, take_token: TakeToken) -> list:
+def _draw_plain(group: list[Turn], take_token: TakeToken) -> list[Turn]:
     """Draws with nothing to verify at a position every term computed go through the fused
     sampler (no filtered law is needed: the token is verified at once); returns the rest."""
     plain, rest = [], []
-    for request, row, start in group:
-        full = not row.proposals and row.has_bonus and all(row.term_logits[0].get(slot) is not None
-                                                            for slot in range(len(request.sequences)))
-        (plain if full else rest).append((request, row, start))
+    for turn in group:
+        state = turn.request.spec_state
+        full = not turn.row.proposals and turn.row.has_bonus and all(state.present(len(state.tokens)))
+        (plain if full else rest).append(turn)
     if plain:
-        rows = [DecodeRow(row.laws[0].formula, row.laws[0].plan,
-                          [row.term_logits[0][slot] for slot in row.laws[0].slots], row.params,
-                          row.seed, row.step) for _, row, _ in plain]
-        for (request, _, _), token in zip(plain, next_tokens(rows)):
+        rows = [DecodeRow(turn.row.laws[0].formula, turn.row.laws[0].plan,
+                          [turn.row.term_logits[0][slot] for slot in turn.row.laws[0].slots],
+                          turn.row.params, turn.row.seed, turn.row.step) for turn in plain]
+        for turn, token in zip(plain, next_tokens(rows)):
+            state = turn.request.spec_state
             if isinstance(token, Exception):
-                take_token(request, token)
+                take_token(turn.request, token)
             else:
-                request.spec_state.push(token.token, None, (True,) * request.spec_state.num_terms)
+                state.push(token.token, None, (True,) * state.num_terms)
     return rest
 
 
@@ -154,16 +164,14 @@ def _verify_isolated(rows: list[VerifyRow]) -> list:
         return results
 
 
-def _apply(request: Request, row: VerifyRow, start: int, result,
-           block_manager: BlockManager) -> tuple[int, int]:
+def _apply(turn: Turn, result, block_manager: BlockManager) -> tuple[int, int]:
     """Record a verification: new laws, and either a resampled token (roll back) or a bonus.
     Returns (tokens checked, tokens accepted) for the metrics."""
+    request, row, start = turn.request, turn.row, turn.start
     state: SpeculationState = request.spec_state
-    stop = start + len(row.proposals)
-    checked = [i for i in range(start, stop) if state.levels[i] != state.present(i)]
-    taken = sum(1 for i in checked if i < start + result.num_accepted)
+    taken = sum(1 for i in turn.grown if i < start + result.num_accepted)
     metrics = request.metrics
-    metrics.proposed_tokens += len(checked)
+    metrics.proposed_tokens += len(turn.grown)
     metrics.accepted_tokens += taken
     state.factors = request.speculation.step_factors(metrics.accepted_tokens, metrics.proposed_tokens)
     for offset in range(result.num_accepted):
@@ -180,4 +188,4 @@ def _apply(request: Request, row: VerifyRow, start: int, result,
     elif result.next_token is not None:
         frontier = len(state.tokens)
         state.push(result.next_token, result.new_laws[-1], state.present(frontier))
-    return len(checked), taken
+    return len(turn.grown), taken

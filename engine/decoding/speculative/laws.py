@@ -9,6 +9,7 @@ from the request's own tokens and every term runs every step.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Optional
@@ -118,8 +119,11 @@ class SpeculationPlan:
                                    "positively weighted term speculative_factor 1")
 
 
+@functools.lru_cache(maxsize=1024)
 def speculation_plan(formula: Formula) -> Optional[SpeculationPlan]:
-    """The formula's speculation, or None when it decodes one token per step."""
+    """The formula's speculation, or None when it decodes one token per step. Cached per
+    formula: checking its partial laws compiles a plan per subset of its slow terms, and
+    every request is checked in its caller's thread and again when it is built."""
     for node in formula.nodes():
         if isinstance(node, Speculative) and node is not formula:
             raise FormulaError(f"Speculative must be the whole formula, not part of {formula}; "
