@@ -3,27 +3,32 @@ eager chain one would write by hand, and against kernels/reference.py.
 
 Workload: T=3 models, B=16 rows, V=49152; formula 1*m0 - 0.6*m1 + 2*Union(m0, m2)
 (a linear block plus one max-group); temperature 0.8, top_p 0.9, top_k 0 (off), min_p 0.
+--plausible wraps it in contrastive decoding's plausibility mask, Plausible(formula, m0, 0.1),
+which the fused kernels evaluate in the same call.
 Each repeat runs every implementation once, in alternating order, and the table reports
-medians. Run: python benchmarks/bench_kernels.py [--repeats N] [--threads N]
+medians. Run: python benchmarks/bench_kernels.py [--repeats N] [--threads N] [--plausible]
 On a shared, loaded machine set OMP_WAIT_POLICY=passive: torch and lmarith._C share one
 libgomp whose spinning idle workers otherwise fight other processes for the cores.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from typing import Callable
 
 import torch
 
-from lmarith.bindings import ops
+from lmarith.bindings import cpp, ops
 from lmarith.kernels import reference
 
 NUM_TERMS, BATCH, VOCAB = 3, 16, 49152
 LINEAR = (1.0, -0.6)
 UNION_COEF = 2.0
 TEMPERATURE, TOP_P, TOP_K, MIN_P = 0.8, 0.9, 0, 0.0
+MASK_ALPHA = 0.1
+PLAUSIBLE = False   # set by --plausible
 
 
 def make_logits(seed: int) -> torch.Tensor:
@@ -44,7 +49,11 @@ def make_plan() -> tuple[torch.Tensor, ...]:
     consts = torch.zeros(BATCH, 3)
     coefs = torch.full((BATCH, 1), UNION_COEF)
     kinds = torch.ones(BATCH, 1, dtype=torch.int32)
-    return weights, consts, coefs, kinds
+    if not PLAUSIBLE:
+        return weights, consts, coefs, kinds
+    mask_weights = torch.zeros(BATCH, NUM_TERMS)
+    mask_weights[:, 0] = 1.0
+    return weights, consts, coefs, kinds, mask_weights, torch.full((BATCH,), math.log(MASK_ALPHA))
 
 
 def make_controls(step: int) -> tuple[torch.Tensor, ...]:
@@ -58,6 +67,10 @@ def eager_combine(logits: torch.Tensor) -> torch.Tensor:
     log_probs = torch.log_softmax(logits, dim=-1)
     value = LINEAR[0] * log_probs[0] + LINEAR[1] * log_probs[1]
     value = value + UNION_COEF * torch.maximum(log_probs[0], log_probs[2])
+    if PLAUSIBLE:
+        probs = log_probs[0].exp()
+        plausible = probs >= MASK_ALPHA * probs.max(dim=-1, keepdim=True).values
+        value = value.masked_fill(~plausible, float("-inf"))
     scores = value / (LINEAR[0] + LINEAR[1] + UNION_COEF)
     return scores - torch.logsumexp(scores, dim=-1, keepdim=True)
 
@@ -123,9 +136,11 @@ def run(repeats: int) -> None:
         for runner in order:
             runner(step)
 
-    print(f"T={NUM_TERMS} B={BATCH} V={VOCAB}  formula 1*m0 - 0.6*m1 + 2*Union(m0, m2)  "
+    formula = "1*m0 - 0.6*m1 + 2*Union(m0, m2)"
+    formula = f"Plausible({formula}, m0, {MASK_ALPHA})" if PLAUSIBLE else formula
+    print(f"T={NUM_TERMS} B={BATCH} V={VOCAB}  formula {formula}  "
           f"temperature={TEMPERATURE} top_p={TOP_P} top_k={TOP_K} (off) min_p={MIN_P}")
-    print(f"torch threads={torch.get_num_threads()}  _C OpenMP={ops._C.built_with_openmp()}  "
+    print(f"torch threads={torch.get_num_threads()}  _C OpenMP={cpp._C.built_with_openmp()}  "
           f"repeats={repeats} (median ms)")
     print(f"{'implementation':<16}{'combine':>10}{'sample':>10}{'total':>10}")
     totals = {}
@@ -151,8 +166,10 @@ def sanity_check() -> None:
     eager = eager_combine(logits)
     fused, _ = ops.combine(logits, *plan)
     ref, _ = reference.combine(logits, *plan)
-    print(f"sanity: max |fused - eager| log-prob {(fused - eager).abs().max().item():.2e}, "
-          f"max |fused - reference| {(fused - ref).abs().max().item():.2e}")
+    finite = torch.isfinite(eager)
+    print(f"sanity: max |fused - eager| log-prob {(fused - eager)[finite].abs().max().item():.2e}, "
+          f"max |fused - reference| {(fused - ref)[finite].abs().max().item():.2e}, -inf patterns "
+          f"equal: {torch.equal(torch.isinf(fused), torch.isinf(eager))}")
     kept, order = nucleus(eager)
     in_nucleus = torch.zeros_like(eager, dtype=torch.bool).scatter_(1, order, kept > 0)
     mismatches, outside, drawn = 0, 0, 0
@@ -172,7 +189,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    parser.add_argument("--plausible", action="store_true", help="add the plausibility mask")
     args = parser.parse_args()
+    global PLAUSIBLE
+    PLAUSIBLE = args.plausible
     if args.threads:
         torch.set_num_threads(args.threads)
     if not ops.cpp_available():

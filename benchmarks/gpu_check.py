@@ -5,8 +5,8 @@
 1. build lmarith in place (pip install --no-build-isolation --no-deps -e .);
 2. run every Triton kernel compiled (not interpreted) against its torch reference: the
    face-parametrised tests in tests/ops (conftest.py turns the interpreter on only without a GPU);
-3. run the engine on CUDA (Triton attention, store-KV, combine and sample) and compare its
-   greedy tokens with the CPU engine's, on tiny models of three families and on SmolLM2
+3. run the engine on CUDA (Triton attention, store-KV, combine with and without the
+   plausibility mask, and sample) and compare its greedy tokens with the CPU engine's, on tiny models of three families and on SmolLM2
    (the embedded GGUF when present; otherwise a random model of SmolLM2's shape and
    vocabulary size, since the device machine may not hold the weights);
 4. print decode tokens/s of 1- vs 3-term formulas (and speculative ones) at batch 1, 16, 64.
@@ -57,6 +57,8 @@ def formulas(la, directory: str, dtype: str = "float32") -> dict:
     return {"1-term": model,
             "3-term": model.prompt("You are helpful.") + 0.5 * la.Union(
                 model.prompt("You answer briefly."), model.prompt("You love poetry.")),
+            "contrastive (Plausible mask)": la.methods.contrastive_decoding(
+                model.prompt("You are helpful."), model),
             "across terms (k=3)": model.prompt("You are helpful.") + 0.5 * model.prompt(
                 "You answer briefly.", speculative_factor=3),
             "n-gram draft (k=4)": la.Speculative(model, la.NgramDraft(n=3), k=4)}

@@ -38,7 +38,8 @@ def _check_tensors(tensors: dict[str, object]) -> None:
 
 def validate_combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
                       group_coefs: torch.Tensor, group_kinds: torch.Tensor,
-                      **face_options) -> torch.device:
+                      mask_weights: torch.Tensor | None = None,
+                      mask_log_alpha: torch.Tensor | None = None, **face_options) -> torch.device:
     """Checks the plan's shapes against logits [T, B, V]; returns the common device."""
     named = {"logits": logits, "weights": weights, "consts": consts,
              "group_coefs": group_coefs, "group_kinds": group_kinds}
@@ -60,7 +61,24 @@ def validate_combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.
     for name in ("weights", "consts", "group_coefs"):
         _check_dtype(name, named[name], _FLOAT_DTYPES, "a floating-point")
     _check_dtype("group_kinds", group_kinds, _INT_DTYPES, "an integer")
+    named.update(_checked_mask(mask_weights, mask_log_alpha, batch, num_terms))
     return _check_same_device(named)
+
+
+def _checked_mask(mask_weights, mask_log_alpha, batch: int, num_terms: int) -> dict:
+    """The plausibility mask inputs, both or neither: mask_weights [B, T], mask_log_alpha [B]."""
+    if mask_weights is None and mask_log_alpha is None:
+        return {}
+    if mask_weights is None or mask_log_alpha is None:
+        raise ValueError("mask_weights and mask_log_alpha go together: pass both (a plausibility "
+                         "mask; mask_log_alpha -inf leaves a row unmasked) or neither")
+    named = {"mask_weights": mask_weights, "mask_log_alpha": mask_log_alpha}
+    _check_tensors(named)
+    _check_shape("mask_weights", mask_weights, (batch, num_terms))
+    _check_shape("mask_log_alpha", mask_log_alpha, (batch,))
+    for name, tensor in named.items():
+        _check_dtype(name, tensor, _FLOAT_DTYPES, "a floating-point")
+    return named
 
 
 def validate_sample(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,

@@ -35,8 +35,11 @@ def require(device: torch.device, face: str) -> None:
 
 
 def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
-            group_coefs: torch.Tensor, group_kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs lmarith._C.combine on validated CPU inputs (bf16 logits pass as raw bits)."""
+            group_coefs: torch.Tensor, group_kinds: torch.Tensor,
+            mask_weights: torch.Tensor | None = None, mask_log_alpha: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs lmarith._C.combine on validated CPU inputs (bf16 logits pass as raw bits; no
+    plausibility mask passes address 0)."""
     num_terms, batch, vocab = logits.shape
     num_groups = group_coefs.shape[1]
     if logits.dtype == torch.bfloat16:
@@ -47,11 +50,15 @@ def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
     consts = _contiguous(consts, torch.float32)
     group_coefs = _contiguous(group_coefs, torch.float32)
     group_kinds = _contiguous(group_kinds, torch.int32)
+    mask = [] if mask_weights is None else [_contiguous(mask_weights, torch.float32),
+                                            _contiguous(mask_log_alpha, torch.float32)]
+    mask_addresses = [tensor.data_ptr() for tensor in mask] or [0, 0]
     log_probs = torch.empty((batch, vocab), dtype=torch.float32)
     lse = torch.empty((batch,), dtype=torch.float32)
     _C.combine(logits.data_ptr(), logits_code, num_terms, batch, vocab, weights.data_ptr(),
                consts.data_ptr(), 1 + 2 * num_groups, group_coefs.data_ptr(),
-               group_kinds.data_ptr(), num_groups, log_probs.data_ptr(), lse.data_ptr())
+               group_kinds.data_ptr(), num_groups, *mask_addresses, log_probs.data_ptr(),
+               lse.data_ptr())
     return log_probs, lse
 
 

@@ -26,16 +26,21 @@ void require(bool condition, const std::string& message) {
 void combine_entry(std::uintptr_t logits, int logits_dtype, int64_t num_terms, int64_t batch,
                    int64_t vocab, std::uintptr_t weights, std::uintptr_t consts,
                    int64_t num_blocks, std::uintptr_t group_coefs, std::uintptr_t group_kinds,
-                   int64_t num_groups, std::uintptr_t log_probs, std::uintptr_t lse) {
+                   int64_t num_groups, std::uintptr_t mask_weights, std::uintptr_t mask_log_alpha,
+                   std::uintptr_t log_probs, std::uintptr_t lse) {
   require(num_terms >= 0 && batch >= 0 && vocab > 0, "combine: need T >= 0, B >= 0, V > 0");
   require(num_groups >= 0 && num_blocks == 1 + 2 * num_groups,
           "combine: the plan needs R == 1 + 2 * G row-blocks");
   require(logits_dtype == static_cast<int>(lmarith::LogitsDtype::kFloat32) ||
               logits_dtype == static_cast<int>(lmarith::LogitsDtype::kBFloat16),
           "combine: logits_dtype must be 0 (float32) or 1 (bfloat16)");
+  require((mask_weights == 0) == (mask_log_alpha == 0),
+          "combine: mask_weights and mask_log_alpha go together (both 0: no mask)");
   const lmarith::CombinePlan plan{address_as<const float>(weights), address_as<const float>(consts),
                                   address_as<const float>(group_coefs),
-                                  address_as<const int32_t>(group_kinds), num_blocks, num_groups};
+                                  address_as<const int32_t>(group_kinds), num_blocks, num_groups,
+                                  address_as<const float>(mask_weights),
+                                  address_as<const float>(mask_log_alpha)};
   lmarith::combine(address_as<const void>(logits), static_cast<lmarith::LogitsDtype>(logits_dtype),
                    num_terms, batch, vocab, plan, address_as<float>(log_probs),
                    address_as<float>(lse));
@@ -80,9 +85,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("logits"), py::arg("logits_dtype"), py::arg("num_terms"), py::arg("batch"),
         py::arg("vocab"), py::arg("weights"), py::arg("consts"), py::arg("num_blocks"),
         py::arg("group_coefs"), py::arg("group_kinds"), py::arg("num_groups"),
-        py::arg("log_probs"), py::arg("lse"),
+        py::arg("mask_weights"), py::arg("mask_log_alpha"), py::arg("log_probs"), py::arg("lse"),
         "Evaluate a formula plan: logits f32/bf16 [T,B,V], weights f32 [B,R,T], consts f32 "
-        "[B,R], group_coefs f32 [B,G], group_kinds i32 [B,G] -> log_probs f32 [B,V], lse f32 [B].");
+        "[B,R], group_coefs f32 [B,G], group_kinds i32 [B,G], plausibility mask f32 [B,T] and "
+        "f32 [B] (addresses 0: none) -> log_probs f32 [B,V], lse f32 [B].");
   m.def("sample", &sample_entry, py::call_guard<py::gil_scoped_release>(),
         py::arg("log_probs"), py::arg("batch"), py::arg("vocab"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("seed"), py::arg("step"),

@@ -7,8 +7,11 @@ in tests) and "cpp" (lmarith._C, for CPU, where it pays). Inputs are checked onc
 op has one and the extension built, else torch. `run(op, face, ...)` calls one face by name
 (tests, benchmarks); `faces(op)` lists those available in this build.
 
-combine(logits [T,B,V], weights [B,R,T], consts [B,R], group_coefs [B,G], group_kinds [B,G])
+combine(logits [T,B,V], weights [B,R,T], consts [B,R], group_coefs [B,G], group_kinds [B,G],
+        mask_weights [B,T] | None, mask_log_alpha [B] | None)
     -> (log_probs [B,V] f32, lse [B] f32)                         semantics: kernels/reference.py
+    (the optional pair is the plausibility mask of a Plausible formula, both or neither;
+    mask_log_alpha -inf leaves a row unmasked)
 sample(log_probs [B,V], temperature, top_k, top_p, min_p, seed, step [B]) -> tokens [B] int64
 store_kv(key, value [N,KVH,D], key_cache, value_cache [P,page,KVH,D], slot_pages, slot_offsets [N])
 paged_attention(query [N,H,D], key_cache, value_cache, meta, scale, sliding_window) -> [N,H,D]
@@ -30,9 +33,11 @@ __all__ = ["combine", "sample", "store_kv", "paged_attention", "spec_accept", "f
            "combine_cpp", "sample_cpp", "cpp_available"]
 
 
-def _torch_combine(logits, weights, consts, group_coefs, group_kinds):
+def _torch_combine(logits, weights, consts, group_coefs, group_kinds, mask_weights=None,
+                   mask_log_alpha=None):
+    mask = () if mask_weights is None else (mask_weights.float(), mask_log_alpha.float())
     return reference.combine(logits, weights.float(), consts.float(), group_coefs.float(),
-                             group_kinds.to(torch.int32))
+                             group_kinds.to(torch.int32), *mask)
 
 
 def _triton(module: str, name: str) -> Callable:
@@ -98,10 +103,14 @@ def _dispatch(op: str, device: torch.device) -> Callable:
 
 
 def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
-            group_coefs: torch.Tensor, group_kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluate formula plans on stacked logits [T, B, V] -> (log_probs [B, V], lse [B])."""
-    device = checks.validate_combine(logits, weights, consts, group_coefs, group_kinds)
-    return _dispatch("combine", device)(logits, weights, consts, group_coefs, group_kinds)
+            group_coefs: torch.Tensor, group_kinds: torch.Tensor,
+            mask_weights: torch.Tensor | None = None, mask_log_alpha: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluate formula plans on stacked logits [T, B, V] -> (log_probs [B, V], lse [B]);
+    mask_weights/mask_log_alpha: the optional plausibility mask (stack_plans gives them)."""
+    args = (logits, weights, consts, group_coefs, group_kinds, mask_weights, mask_log_alpha)
+    device = checks.validate_combine(*args)
+    return _dispatch("combine", device)(*args)
 
 
 def sample(log_probs: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,

@@ -1,7 +1,8 @@
 // combine: evaluates a compiled formula plan over T models' logits, one row at a time.
-// Pass 1 finds each active (term, row) log-softmax normaliser; pass 2 builds the row's
-// scores chunk by chunk (no [T, B, V] intermediates) and normalises them. Semantics,
-// including the -inf "forbidden" rules, follow kernels/reference.py exactly.
+// Pass 1 finds each active (term, row) log-softmax normaliser; a masked row (Plausible)
+// then takes the maximum of its reference score; pass 2 builds the row's scores chunk by
+// chunk (no [T, B, V] intermediates), masks the implausible tokens and normalises them.
+// Semantics, including the -inf "forbidden" rules, follow kernels/reference.py exactly.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -58,8 +59,12 @@ struct RowPlan {
   int64_t num_blocks;
   int64_t num_groups;
   int64_t num_terms;
+  const float* mask_weights;  // [T], null when the row is unmasked
+  float mask_log_alpha;       // -inf when the row is unmasked
 
   float weight(int64_t block, int64_t term) const { return weights[block * num_terms + term]; }
+  const float* block_weights(int64_t block) const { return weights + block * num_terms; }
+  bool masked() const { return mask_weights != nullptr; }
 
   // Static norm N_r = sum_t w[r, t] + c[r], summed in term order like the reference.
   float block_norm(int64_t block) const {
@@ -71,36 +76,40 @@ struct RowPlan {
 
 RowPlan row_plan(const CombinePlan& plan, int64_t num_terms, int64_t row) {
   const int64_t blocks = plan.num_blocks, groups = plan.num_groups;
+  const bool masked = plan.mask_log_alpha != nullptr && plan.mask_log_alpha[row] > -kInf;
   return {plan.weights + row * blocks * num_terms, plan.consts + row * blocks,
           plan.group_coefs + row * groups, plan.group_kinds + row * groups,
-          blocks, groups, num_terms};
+          blocks, groups, num_terms,
+          masked ? plan.mask_weights + row * num_terms : nullptr,
+          masked ? plan.mask_log_alpha[row] : -kInf};
 }
 
-// A term takes part in a row when any row-block gives it a nonzero (or NaN) weight.
+// A term takes part in a row when any row-block (or the row's mask) gives it a nonzero
+// (or NaN) weight.
 bool term_active(const RowPlan& plan, int64_t term) {
   for (int64_t r = 0; r < plan.num_blocks; ++r)
     if (plan.weight(r, term) != 0.0f) return true;
-  return false;
+  return plan.masked() && plan.mask_weights[term] != 0.0f;
 }
 
-// Per-thread buffers for one chunk: R row-block values, their forbidden counts, the total.
+// Per-thread buffers for one chunk: R row-block values, their forbidden counts, the total,
+// and the mask's reference scores.
 struct ChunkScratch {
-  std::vector<float> values, forbidden, total, total_norm, block_norms;
+  std::vector<float> values, forbidden, total, total_norm, block_norms, mask, mask_forbidden;
   explicit ChunkScratch(int64_t num_blocks)
       : values(num_blocks * kChunk), forbidden(num_blocks * kChunk), total(kChunk),
-        total_norm(kChunk), block_norms(num_blocks) {}
+        total_norm(kChunk), block_norms(num_blocks), mask(kChunk), mask_forbidden(kChunk) {}
 };
 
 // block_values when every active term's log-probs are finite: nothing to forbid, so the
 // same sums come out without tracking it.
 template <typename In>
-void clean_block_values(const RowPlan& plan, int64_t block, const In* const* term_rows,
-                        const TermNormaliser* normalisers, int64_t start, int64_t count,
-                        float* values) {
-  const float base = plan.consts[block];
+void clean_block_values(const float* weights, float base, int64_t num_terms,
+                        const In* const* term_rows, const TermNormaliser* normalisers,
+                        int64_t start, int64_t count, float* values) {
   for (int64_t i = 0; i < count; ++i) values[i] = base;
-  for (int64_t t = 0; t < plan.num_terms; ++t) {
-    const float w = plan.weight(block, t);
+  for (int64_t t = 0; t < num_terms; ++t) {
+    const float w = weights[t];
     if (w == 0.0f) continue;
     const In* src = term_rows[t] + start;
     const float shift = normalisers[t].max, log_sum = normalisers[t].log_sum;
@@ -109,26 +118,26 @@ void clean_block_values(const RowPlan& plan, int64_t block, const In* const* ter
   }
 }
 
-// S_r over tokens [start, start + count): consts + sum of active w * log-prob, or -inf
-// where an active term's log-prob is not finite.
+// base + sum of active w * log-prob over tokens [start, start + count) for one row of
+// weights [T] (a row-block S_r, or the mask's reference score), or -inf where an active
+// term's log-prob is not finite.
 template <typename In>
-void block_values(const RowPlan& plan, int64_t block, const In* const* term_rows,
+void block_values(const float* weights, float base, int64_t num_terms, const In* const* term_rows,
                   const TermNormaliser* normalisers, int64_t start, int64_t count,
                   float* values, float* forbidden) {
-  const float base = plan.consts[block];
   bool may_forbid = false;
-  for (int64_t t = 0; t < plan.num_terms; ++t)
-    may_forbid |= plan.weight(block, t) != 0.0f && !normalisers[t].all_finite;
+  for (int64_t t = 0; t < num_terms; ++t)
+    may_forbid |= weights[t] != 0.0f && !normalisers[t].all_finite;
   if (!may_forbid) {
-    clean_block_values(plan, block, term_rows, normalisers, start, count, values);
+    clean_block_values(weights, base, num_terms, term_rows, normalisers, start, count, values);
     return;
   }
   for (int64_t i = 0; i < count; ++i) {
     values[i] = base;
     forbidden[i] = 0.0f;
   }
-  for (int64_t t = 0; t < plan.num_terms; ++t) {
-    const float w = plan.weight(block, t);
+  for (int64_t t = 0; t < num_terms; ++t) {
+    const float w = weights[t];
     if (w == 0.0f) continue;
     const In* src = term_rows[t] + start;
     const float shift = normalisers[t].max, log_sum = normalisers[t].log_sum;
@@ -161,14 +170,40 @@ void apply_group(const float* left, const float* right, float left_norm, float r
   }
 }
 
+// The mask's reference scores M for tokens [start, start + count), into scratch.mask.
+template <typename In>
+const float* mask_scores(const RowPlan& plan, const In* const* term_rows,
+                         const TermNormaliser* normalisers, int64_t start, int64_t count,
+                         ChunkScratch& scratch) {
+  block_values(plan.mask_weights, 0.0f, plan.num_terms, term_rows, normalisers, start, count,
+               scratch.mask.data(), scratch.mask_forbidden.data());
+  return scratch.mask.data();
+}
+
+// The masked row's threshold: max_x M + log(alpha), or +inf (keep nothing) when M is -inf
+// everywhere. M is computed by the same code as in chunk_scores, so ties are exact.
+template <typename In>
+float mask_threshold(const RowPlan& plan, const In* const* term_rows,
+                     const TermNormaliser* normalisers, int64_t vocab, ChunkScratch& scratch) {
+  float row_max = -kInf;
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t count = vocab - start < kChunk ? vocab - start : kChunk;
+    const float* mask = mask_scores(plan, term_rows, normalisers, start, count, scratch);
+    for (int64_t i = 0; i < count; ++i) row_max = mask[i] > row_max ? mask[i] : row_max;
+  }
+  return row_max == -kInf ? kInf : row_max + plan.mask_log_alpha;
+}
+
 // Scores for tokens [start, start + count) of one row, written to out; returns their max.
+// A masked row's tokens with reference score below threshold get value -inf.
 template <typename In>
 float chunk_scores(const RowPlan& plan, const In* const* term_rows,
                   const TermNormaliser* normalisers, int64_t start, int64_t count,
-                  ChunkScratch& scratch, float* out) {
+                  float threshold, ChunkScratch& scratch, float* out) {
   for (int64_t r = 0; r < plan.num_blocks; ++r)
-    block_values(plan, r, term_rows, normalisers, start, count,
-                 scratch.values.data() + r * kChunk, scratch.forbidden.data() + r * kChunk);
+    block_values(plan.block_weights(r), plan.consts[r], plan.num_terms, term_rows, normalisers,
+                 start, count, scratch.values.data() + r * kChunk,
+                 scratch.forbidden.data() + r * kChunk);
   float* total = scratch.total.data();
   float* total_norm = scratch.total_norm.data();
   const float* values = scratch.values.data();
@@ -187,7 +222,11 @@ float chunk_scores(const RowPlan& plan, const In* const* term_rows,
     else
       apply_group<false>(left, right, norms[1 + 2 * g], norms[2 + 2 * g], coef, count, total, total_norm);
   }
-    float chunk_max = -kInf;
+  if (plan.masked()) {
+    const float* mask = mask_scores(plan, term_rows, normalisers, start, count, scratch);
+    for (int64_t i = 0; i < count; ++i) total[i] = mask[i] >= threshold ? total[i] : -kInf;
+  }
+  float chunk_max = -kInf;
 #pragma omp simd reduction(max : chunk_max)
   for (int64_t i = 0; i < count; ++i) {
     const float norm = total_norm[i];
@@ -224,10 +263,13 @@ void combine_row(const In* logits, int64_t num_terms, int64_t batch, int64_t voc
   std::vector<const In*> term_rows(num_terms);
   for (int64_t t = 0; t < num_terms; ++t) term_rows[t] = logits + (t * batch + row) * vocab;
   for (int64_t r = 0; r < plan.num_blocks; ++r) scratch.block_norms[r] = plan.block_norm(r);
+  const float threshold =
+      plan.masked() ? mask_threshold(plan, term_rows.data(), normalisers, vocab, scratch) : -kInf;
   float row_max = -kInf;
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t count = vocab - start < kChunk ? vocab - start : kChunk;
-    row_max = std::max(row_max, chunk_scores(plan, term_rows.data(), normalisers, start, count, scratch, out));
+    row_max = std::max(row_max, chunk_scores(plan, term_rows.data(), normalisers, start, count,
+                                             threshold, scratch, out));
   }
   *lse = normalise_row(out, vocab, row_max);
 }

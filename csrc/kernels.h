@@ -14,7 +14,9 @@ namespace lmarith {
 enum class LogitsDtype : int { kFloat32 = 0, kBFloat16 = 1 };
 
 // A compiled formula plan, row-major: weights [B, R, T], consts [B, R],
-// group_coefs [B, G], group_kinds [B, G] (+1 max / Union, -1 min / Intersection).
+// group_coefs [B, G], group_kinds [B, G] (+1 max / Union, -1 min / Intersection), and the
+// optional plausibility mask mask_weights [B, T], mask_log_alpha [B] (both null: no row is
+// masked; a row with mask_log_alpha -inf is unmasked).
 struct CombinePlan {
   const float* weights;
   const float* consts;
@@ -22,6 +24,8 @@ struct CombinePlan {
   const int32_t* group_kinds;
   int64_t num_blocks;  // R = 1 + 2 * G
   int64_t num_groups;  // G
+  const float* mask_weights = nullptr;
+  const float* mask_log_alpha = nullptr;
 };
 
 // Per-row sampling controls, each an array of length B.

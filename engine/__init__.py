@@ -8,7 +8,7 @@ from .errors import (CacheExhaustedError, ConfigError, EngineError, FormulaError
                      ModelLoadError, PromptError, RequestAbortedError, SamplingParamsError,
                      UnsupportedModelError)
 from .formula import (Classifier, ClassifierSpec, Constant, Formula, Indicator, Intersection, Linear,
-                      Max, Min, Model, NgramDraft, Plan, Plausible, SelfDebias, Speculative, Term, TopPTopK,
+                      Max, Min, Model, NgramDraft, Nudging, Plan, Plausible, SelfDebias, Speculative, Term, TopPTopK,
                       Union, compile_plan, parse_formula)
 from . import methods
 from .llm import LLM
@@ -19,7 +19,7 @@ __all__ = [
     "CacheExhaustedError", "Classifier", "ClassifierSpec", "ConfigError", "Constant",
     "EngineConfig", "EngineError", "EngineStats", "Formula", "FormulaError", "Indicator",
     "Intersection", "LLM", "Linear", "LmarithError", "Max", "Min", "Model", "ModelLoadError",
-    "ModelSpec", "NgramDraft", "Plan", "Plausible", "PromptError", "RequestAbortedError",
+    "ModelSpec", "NgramDraft", "Nudging", "Plan", "Plausible", "PromptError", "RequestAbortedError",
     "RequestMetrics", "RequestOutput", "SamplingParams", "SamplingParamsError", "SelfDebias",
     "Speculative", "StreamChunk", "Term", "TokenLogprob", "TopPTopK", "Union",
     "UnsupportedModelError", "compile_plan", "methods", "parse_formula",

@@ -8,14 +8,14 @@ constant per position, which the final softmax removes, so the laws are the pape
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union as TypingUnion
 
 from .errors import FormulaError
-from .formula import Formula, Plausible, SelfDebias, TopPTopK, Union
+from .formula import Classifier, ClassifierSpec, Formula, Plausible, SelfDebias, TopPTopK, Union
 from .formula.node import coefficient
 
-__all__ = ["classifier_free_guidance", "contrastive_decoding", "dexperts", "emulated_fine_tuning", "proxy_tuning",
-           "self_debiasing"]
+__all__ = ["classifier_free_guidance", "contrastive_decoding", "dexperts", "emulated_fine_tuning", "fudge",
+           "proxy_tuning", "self_debiasing"]
 
 
 def classifier_free_guidance(conditional: Formula, unconditional: Formula,
@@ -63,3 +63,20 @@ def self_debiasing(model: Formula, biased: Sequence[Formula], strength: float = 
                            "m.prompt('The following text contains rude language:')")
     bias = biased[0] if len(biased) == 1 else Union(*biased)
     return SelfDebias(model, bias, strength=strength)
+
+
+def fudge(base: Formula, classifier: TypingUnion[ClassifierSpec, str], k: int = 200,
+          strength: float = 1.0) -> Formula:
+    """FUDGE (Yang & Klein, arXiv 2104.05218): steer `base` towards an attribute a with a
+    classifier of partial text, by Bayes' rule p(x_t | x_<t, a) ∝ p(x_t | x_<t) P(a | x_<=t):
+
+        l_base(x_t) + strength * (log P(a | x_<t x_t) - log P(a | x_<t))   on the top-k x_t of base
+        l_base(x_t)                                                         elsewhere
+
+    (the subtracted log P(a | x_<t) is the Bayes normaliser's per-token form: a candidate the
+    classifier rates like the prefix keeps its base probability). `classifier` is a
+    ClassifierSpec (or a path: label 1, template "{input}"); strength 1 is the paper's rule.
+    The paper samples among the top-k only: pass TopPTopK(base, top_k=k) as base for that.
+    Each step scores k + 1 texts per request with the classifier (no KV cache); not with
+    speculation."""
+    return base + coefficient(strength, "strength") * Classifier(base, classifier, k)

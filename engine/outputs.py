@@ -16,6 +16,8 @@ class RequestMetrics:
     term_forward_passes: list[int] = field(default_factory=list)  # per term (formula.terms order)
     proposed_tokens: int = 0          # speculative tokens checked by a verification
     accepted_tokens: int = 0          # of them, accepted
+    nudged_tokens: int = 0            # nudging: tokens of the answer the nudger wrote
+    nudging_rounds: int = 0           # nudging: rounds in which the nudger drafted
     time_to_first_token: Optional[float] = None   # seconds from submission to the first token
     decode_time: Optional[float] = None           # seconds from the first token to the finish
 

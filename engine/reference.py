@@ -7,14 +7,15 @@ log-probs, and the reference sampler picks the token every term appends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from .core.tokenization import check_same_vocabulary, eos_token_ids, term_context_ids
-from .formula import Classifier, ClassifierSpec, Formula, Model
+from .decoding.classifier import ClassifierInput, classifier_prompt_text
+from .formula import Classifier, Formula, Model
 from .kernels import reference as kernel_reference
+from .worker.classifier_runner import ClassifierScorer, from_pretrained_args
 
 
 @dataclass
@@ -26,42 +27,13 @@ class ReferenceOutput:
     finish_reason: str
 
 
-def _from_pretrained_args(path: str) -> dict:
-    location = Path(path)
-    if location.suffix == ".gguf":
-        return dict(pretrained_model_name_or_path=str(location.parent), gguf_file=location.name)
-    return dict(pretrained_model_name_or_path=str(location))
-
-
 def load_hf_model(model: Model):
     """transformers model and tokenizer for a Model spec (HF directory or .gguf)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    args = _from_pretrained_args(model.path)
+    args = from_pretrained_args(model.path)
     hf_model = AutoModelForCausalLM.from_pretrained(**args, dtype=getattr(torch, model.dtype))
     return hf_model.eval(), AutoTokenizer.from_pretrained(**args)
-
-
-class ClassifierScorer:
-    """Scores texts with sequence-classification models for Classifier nodes."""
-
-    def __init__(self) -> None:
-        self.loaded: dict[ClassifierSpec, tuple] = {}
-
-    def log_prob(self, spec: ClassifierSpec, texts: list[str]) -> torch.Tensor:
-        """log P(spec.label | template.format(input=text)) for each text, in one batch."""
-        if spec not in self.loaded:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-            args = _from_pretrained_args(spec.path)
-            model = AutoModelForSequenceClassification.from_pretrained(**args, dtype=getattr(torch, spec.dtype))
-            tokenizer = AutoTokenizer.from_pretrained(**args)
-            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-            self.loaded[spec] = (model.eval(), tokenizer)
-        model, tokenizer = self.loaded[spec]
-        batch = tokenizer([spec.template.format(input=t) for t in texts], return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            logits = model(**batch).logits.float()
-        return torch.log_softmax(logits, dim=-1)[:, spec.label]
 
 
 def sample_one(log_probs: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -114,14 +86,15 @@ def generate(formula: Formula, prompts: Sequence[str], max_tokens: int = 32, *,
     return outputs
 
 
-def _classifier_scores(scorer: ClassifierScorer, tokenizer, prompt: str, generated: list[int]):
-    """Closure giving Classifier nodes log P(c | prefix + t) - log P(c | prefix) on candidates."""
+def _classifier_scores(scorer: ClassifierScorer, tokenizer, prompt, generated: list[int]):
+    """Closure giving Classifier nodes log P(c | prefix + t) - log P(c | prefix) on candidates
+    (prefix: the prompt text, a conversation's last user message, + the decoded tokens)."""
+    source = ClassifierInput(scorer, classifier_prompt_text(prompt), tokenizer, tuple(generated))
+
     def score(node: Classifier, candidates: torch.Tensor) -> torch.Tensor:
         rows = []
         for row in candidates.tolist():
-            prefix = prompt + tokenizer.decode(generated)
-            texts = [prefix] + [prompt + tokenizer.decode(generated + [t]) for t in row]
-            log_probs = scorer.log_prob(node.classifier, texts)
+            log_probs = scorer.log_prob(node.classifier, source.texts(row))
             rows.append(log_probs[1:] - log_probs[0])
         return torch.stack(rows)
     return score

@@ -4,10 +4,12 @@ Semantics are those of `lmarith.kernels.reference.combine`. The row's vocabulary
 into `splits` chunks (one program per row x chunk) so that small batches still fill a GPU:
 
 1. `_term_stats_kernel`: per chunk, an online (max, sum-exp) of every term, all terms at once
-   as a [T_PAD, BLOCK_V] tile.
+   as a [T_PAD, BLOCK_V] tile; with a plausibility mask (MASKED), also the chunk's max of
+   the reference score on raw logits (combine_mask.py explains why that suffices).
 2. `_plan_kernel`: merges the chunk stats into each term's LSE, evaluates the plan per tile
    (the R linear row-blocks as an [R_PAD, BLOCK_V] accumulator, then the max/min groups),
-   writes the scores and an online (max, sum-exp) of them per chunk.
+   sets -inf on the tokens the mask drops, and writes the scores and an online (max,
+   sum-exp) of them per chunk.
 3. `_normalize_kernel`: merges the score stats into the row's LSE and subtracts it in place.
 
 No [T, B, V] intermediate is ever materialised; scratch is O(B * splits * T).
@@ -17,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from lmarith.kernels import combine_mask
 
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 
@@ -58,27 +62,38 @@ def _pick_row(tile, rows, r):
 
 
 @triton.jit
-def _term_stats_kernel(logits_ptr, max_ptr, sum_ptr, V, chunk, stride_t, stride_b, stride_v,
-                       T: tl.constexpr, T_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Per (row, chunk): online max and sum-exp of every term's logits over the chunk."""
+def _term_stats_kernel(logits_ptr, max_ptr, sum_ptr, mask_w_ptr, mask_max_ptr, V, chunk,
+                       stride_t, stride_b, stride_v, T: tl.constexpr, T_PAD: tl.constexpr,
+                       BLOCK_V: tl.constexpr, MASKED: tl.constexpr):
+    """Per (row, chunk): online max and sum-exp of every term's logits over the chunk, and
+    (MASKED) the max of the mask's reference score Q over it."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     terms = tl.arange(0, T_PAD)
     term_ok = terms < T
-    base = logits_ptr + row.to(tl.int64) * stride_b + terms.to(tl.int64)[:, None] * stride_t
+    row_base = logits_ptr + row.to(tl.int64) * stride_b
+    base = row_base + terms.to(tl.int64)[:, None] * stride_t
+    if MASKED:
+        mask_w = tl.load(mask_w_ptr + row * T + terms, mask=term_ok, other=0.0)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
     run_max = tl.full([T_PAD], NEG_INF, tl.float32)
     run_sum = tl.zeros([T_PAD], tl.float32)
+    q_max = tl.full([], NEG_INF, tl.float32)
     for v0 in range(start, end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = term_ok[:, None] & (cols < end)[None, :]
         x = tl.load(base + cols.to(tl.int64)[None, :] * stride_v, mask=mask, other=NEG_INF)
         run_max, run_sum = _lse_step(run_max, run_sum, x.to(tl.float32), 1)
+        if MASKED:
+            q_max = combine_mask.chunk_max(row_base, cols, cols < end, stride_t, stride_v,
+                                           mask_w, q_max, T, T_PAD)
     offs = (row * splits + split) * T + terms
     tl.store(max_ptr + offs, run_max, mask=term_ok)
     tl.store(sum_ptr + offs, run_sum, mask=term_ok)
+    if MASKED:
+        tl.store(mask_max_ptr + row * splits + split, q_max)
 
 
 @triton.jit
@@ -115,8 +130,10 @@ def _row_block_values(row_base, cols, mask, stride_t, stride_v, weights, consts,
 
 
 @triton.jit
-def _plan_scores(values, norms, coef_ptr, kind_ptr, row, G: tl.constexpr, R_PAD: tl.constexpr):
-    """Fold the max/min groups into row-block 0 and divide by the per-token norm.
+def _plan_scores(values, norms, coef_ptr, kind_ptr, row, keep, G: tl.constexpr,
+                 R_PAD: tl.constexpr):
+    """Fold the max/min groups into row-block 0, set -inf where keep is False (the
+    plausibility mask), and divide by the per-token norm.
 
     Scalar plan entries are broadcast to vectors before comparing: the interpreter mistypes
     scalar comparison results when they are later broadcast.
@@ -137,6 +154,7 @@ def _plan_scores(values, norms, coef_ptr, kind_ptr, row, G: tl.constexpr, R_PAD:
         shifted = total + tl.where(active, coef * picked, 0.0)
         total = tl.where(active & (picked == NEG_INF), NEG_INF, shifted)
         total_norm += tl.where(active, coef * picked_norm, 0.0)
+    total = tl.where(keep, total, NEG_INF)
     nonzero = total_norm != 0.0
     scores = tl.where(nonzero, total / tl.where(nonzero, total_norm, 1.0), total)
     return tl.where(scores != scores, NEG_INF, scores)
@@ -144,11 +162,13 @@ def _plan_scores(values, norms, coef_ptr, kind_ptr, row, G: tl.constexpr, R_PAD:
 
 @triton.jit
 def _plan_kernel(logits_ptr, weights_ptr, consts_ptr, coef_ptr, kind_ptr, term_max_ptr,
-                 term_sum_ptr, out_ptr, score_max_ptr, score_sum_ptr, V, chunk,
-                 stride_t, stride_b, stride_v,
+                 term_sum_ptr, mask_w_ptr, alpha_ptr, mask_max_ptr, out_ptr, score_max_ptr,
+                 score_sum_ptr, V, chunk, stride_t, stride_b, stride_v,
                  T: tl.constexpr, R: tl.constexpr, G: tl.constexpr, T_PAD: tl.constexpr,
-                 R_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Per (row, chunk): evaluate the plan, write raw scores and their (max, sum-exp)."""
+                 R_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """Per (row, chunk): evaluate the plan (and the mask), write raw scores and their
+    (max, sum-exp)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -166,12 +186,22 @@ def _plan_kernel(logits_ptr, weights_ptr, consts_ptr, coef_ptr, kind_ptr, term_m
     end = tl.minimum(start + chunk, V)
     run_max = tl.full([], NEG_INF, tl.float32)
     run_sum = tl.zeros([], tl.float32)
+    zero = tl.zeros([BLOCK_V], tl.float32)
+    if MASKED:
+        mask_w = tl.load(mask_w_ptr + row * T + terms, mask=terms < T, other=0.0)
+        threshold = combine_mask.threshold(mask_max_ptr, alpha_ptr, mask_w, term_lse, row,
+                                           splits, zero, S_PAD)
     for v0 in range(start, end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < end
         values = _row_block_values(row_base, cols, mask, stride_t, stride_v, weights, consts,
                                    term_lse, T, T_PAD, R_PAD, BLOCK_V)
-        scores = _plan_scores(values, norms, coef_ptr, kind_ptr, row, G, R_PAD)
+        keep = zero == 0.0
+        if MASKED:
+            q = combine_mask.reference_scores(row_base, cols, mask, stride_t, stride_v, mask_w,
+                                              T, T_PAD)
+            keep = q >= threshold
+        scores = _plan_scores(values, norms, coef_ptr, kind_ptr, row, keep, G, R_PAD)
         scores = tl.where(mask, scores, NEG_INF)
         tl.store(out_base + cols, scores, mask=mask)
         run_max, run_sum = _lse_step(run_max, run_sum, scores, 0)
@@ -224,15 +254,17 @@ def _default_splits(rows: int, vocab: int, block_v: int, device: torch.device) -
 
 
 def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
-            group_coefs: torch.Tensor, group_kinds: torch.Tensor, *,
-            block_v: int | None = None, splits: int | None = None
+            group_coefs: torch.Tensor, group_kinds: torch.Tensor,
+            mask_weights: torch.Tensor | None = None, mask_log_alpha: torch.Tensor | None = None,
+            *, block_v: int | None = None, splits: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluate a compiled formula plan on stacked raw logits (see `reference.combine`).
 
     logits [T, B, V] f32/f16/bf16 (any strides); weights [B, R, T]; consts [B, R];
-    group_coefs [B, G]; group_kinds [B, G] (+1 max, -1 min). Returns (log_probs [B, V] f32,
-    lse [B] f32). `block_v` (power of two) and `splits` (vocabulary chunks per row) are tuning
-    knobs; the defaults suit the device.
+    group_coefs [B, G]; group_kinds [B, G] (+1 max, -1 min); optional plausibility mask
+    mask_weights [B, T], mask_log_alpha [B] (-inf: row unmasked). Returns (log_probs [B, V]
+    f32, lse [B] f32). `block_v` (power of two) and `splits` (vocabulary chunks per row) are
+    tuning knobs; the defaults suit the device.
     """
     num_terms, rows, vocab = logits.shape
     device = logits.device
@@ -256,14 +288,17 @@ def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
     term_sum = torch.empty_like(term_max)
     score_max = torch.empty(rows, splits, dtype=torch.float32, device=device)
     score_sum = torch.empty_like(score_max)
+    masked = mask_weights is not None
+    mask_w, log_alpha, mask_max = combine_mask.mask_inputs(mask_weights, mask_log_alpha, score_max)
     grid = (rows, splits)
     stride_t, stride_b, stride_v = logits.stride()
-    _term_stats_kernel[grid](logits, term_max, term_sum, vocab, chunk, stride_t, stride_b,
-                             stride_v, T=num_terms, T_PAD=t_pad, BLOCK_V=block_v)
+    _term_stats_kernel[grid](logits, term_max, term_sum, mask_w, mask_max, vocab, chunk,
+                             stride_t, stride_b, stride_v, T=num_terms, T_PAD=t_pad,
+                             BLOCK_V=block_v, MASKED=masked)
     _plan_kernel[grid](logits, weights, consts, group_coefs, group_kinds, term_max, term_sum,
-                       out, score_max, score_sum, vocab, chunk, stride_t, stride_b, stride_v,
-                       T=num_terms, R=num_blocks, G=num_groups, T_PAD=t_pad, R_PAD=r_pad,
-                       S_PAD=s_pad, BLOCK_V=block_v)
+                       mask_w, log_alpha, mask_max, out, score_max, score_sum, vocab, chunk,
+                       stride_t, stride_b, stride_v, T=num_terms, R=num_blocks, G=num_groups,
+                       T_PAD=t_pad, R_PAD=r_pad, S_PAD=s_pad, BLOCK_V=block_v, MASKED=masked)
     _normalize_kernel[grid](out, lse, score_max, score_sum, vocab, chunk, S_PAD=s_pad,
                             BLOCK_V=block_v)
     return out, lse

@@ -12,6 +12,11 @@ combine(logits [T, B, V], plan tensors) -> (log_probs [B, V], lse [B])
     Forbidden tokens: a term with weight != 0 whose log-prob is -inf makes its row-block
     -inf there; a group whose picked side is -inf (with c_g != 0) makes the token -inf.
     Ties: max keeps the left side's norm, min the right side's (as the paper's code).
+    Plausibility mask (optional, mask_weights [B, T] and mask_log_alpha [B], both or neither):
+    the reference score M = sum_t mask_weights[b, t] * L_t, -inf where a term with weight != 0
+    is not finite. A row with mask_log_alpha > -inf keeps the tokens with
+    M >= max_x M + mask_log_alpha (none when M is -inf everywhere) and gives the others
+    value -inf before the division by the norm; rows with -inf keep every token.
 
 sample(log_probs [B, V], temperature, top_k, top_p, min_p, seed, step) -> tokens [B]
     temperature == 0: argmax (lowest index among ties). Otherwise scaled = log_probs / T,
@@ -92,15 +97,30 @@ def _row_blocks(log_probs: torch.Tensor, weights: torch.Tensor, consts: torch.Te
     return values, norms
 
 
+def plausible_tokens(log_probs: torch.Tensor, mask_weights: torch.Tensor,
+                     mask_log_alpha: torch.Tensor) -> torch.Tensor:
+    """The plausibility mask [B, V]: True where a token is kept (see the module docstring)."""
+    scores, _ = _row_blocks(log_probs, mask_weights.float()[:, None, :],
+                            torch.zeros_like(mask_weights[:, :1], dtype=torch.float32))
+    scores = scores[:, 0, :]
+    row_max = scores.max(dim=-1, keepdim=True).values
+    log_alpha = mask_log_alpha.float()[:, None]
+    threshold = torch.where(row_max == float("-inf"), float("inf"), row_max + log_alpha)
+    return (log_alpha == float("-inf")) | (scores >= threshold)
+
+
 def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
-            group_coefs: torch.Tensor, group_kinds: torch.Tensor):
+            group_coefs: torch.Tensor, group_kinds: torch.Tensor,
+            mask_weights: torch.Tensor | None = None, mask_log_alpha: torch.Tensor | None = None):
     """Evaluate a compiled formula plan on stacked raw logits; see the module docstring.
 
     logits [T, B, V] (any float dtype); weights [B, R, T] f32; consts [B, R] f32;
-    group_coefs [B, G] f32; group_kinds [B, G] int32 (+1 max, -1 min). Returns
-    (log_probs [B, V] f32, lse [B] f32).
+    group_coefs [B, G] f32; group_kinds [B, G] int32 (+1 max, -1 min); optional
+    plausibility mask mask_weights [B, T] f32 and mask_log_alpha [B] f32 (-inf: row unmasked).
+    Returns (log_probs [B, V] f32, lse [B] f32).
     """
-    values, norms = _row_blocks(_term_log_probs(logits), weights.float(), consts.float())
+    log_probs = _term_log_probs(logits)
+    values, norms = _row_blocks(log_probs, weights.float(), consts.float())
     total = values[:, 0, :]
     total_norm = norms[:, 0:1].expand_as(total).clone()
     for g in range(group_coefs.shape[1]):
@@ -114,6 +134,9 @@ def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
         total = torch.where(active & torch.isneginf(picked), float("-inf"),
                             total + torch.where(active, coef * picked, 0.0))
         total_norm = total_norm + torch.where(active, coef * picked_norm, 0.0)
+    if mask_weights is not None:
+        total = total.masked_fill(~plausible_tokens(log_probs, mask_weights, mask_log_alpha),
+                                  float("-inf"))
     scores = torch.where(total_norm != 0, total / torch.where(total_norm != 0, total_norm, 1.0), total)
     scores = torch.where(torch.isnan(scores), float("-inf"), scores)
     lse = torch.logsumexp(scores, dim=-1)

@@ -135,3 +135,51 @@ def make_word_tokenizer(vocab_size: int):
         single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
+
+
+def make_classifier(directory: Path, seed: int = 0, tokenizer=None, num_labels: int = 2,
+                    **overrides) -> Path:
+    """Save a 2-layer random Llama sequence classifier (pad id 0, so it scores batches) with
+    make_tokenizer()'s tokenizer unless given one: the same vocabulary as make_model's
+    models, as a FUDGE classifier of their text; returns the directory."""
+    import transformers
+
+    tokenizer = tokenizer or make_tokenizer()
+    settings = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=num_labels)
+    config = transformers.LlamaConfig(**{**settings, **overrides})
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    _randomise(model, seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
+def ascii_tokenizer(vocab_size: int):
+    """A byte-level BPE over the corpus's own characters only, so any token sequence decodes
+    to plain text the other tokenizer can encode; sizes differ -> words split differently."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def word_tokenizer(vocab_size: int):
+    """Whitespace words "w0".."wN" with </s> (id 2) the only special token, so a random
+    model cannot write an invisible token: text re-encodes to exactly the same ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    vocab["</s>"] = vocab.pop("w2")
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>")

@@ -41,6 +41,12 @@ class Detokenizer:
             self._extend(window_text[len(prefix_text):])
         return self.stopped
 
+    def append_text(self, delta: str) -> bool:
+        """Add text decoded elsewhere (a nudging hand-off); True once a stop string is in."""
+        if not self.stopped and delta:
+            self._extend(delta)
+        return self.stopped
+
     def finish(self) -> None:
         """The request ended: flush text held for an incomplete character, release hold-back."""
         if not self.stopped and self.read_offset < len(self.ids):

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..decoding.classifier import ClassifierInput
+from ..decoding.nudging import NudgingState
 from ..decoding.speculative import SpeculationPlan, SpeculationState
 from ..formula import Formula, Plan
 from ..outputs import RequestMetrics, RequestOutput, StreamChunk, TokenLogprob
@@ -48,6 +50,8 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     speculation: Optional[SpeculationPlan] = None    # None: one token per step
     spec_state: Optional[SpeculationState] = None
+    nudging: Optional[NudgingState] = None           # a Nudging formula's rounds
+    classifier: Optional[ClassifierInput] = None     # what its Classifier terms read, if any
 
     @property
     def drawn_ids(self) -> list[int]:
@@ -65,17 +69,18 @@ class Request:
             token in self.eos_token_ids and not self.params.ignore_eos)
 
     def pages_needed(self) -> int:
-        """Pages all terms need for their prompt plus max_tokens (the request's worst case)."""
-        return sum(seq.pages_needed(seq.prompt_len + self.params.max_tokens) for seq in self.sequences)
+        """Pages all terms need for their prompt plus max_tokens (the request's worst case;
+        a nudging side may also hold a draft)."""
+        extra = self.nudging.max_nudge_tokens + 1 if self.nudging is not None else 0
+        return sum(seq.pages_needed(seq.prompt_len + self.params.max_tokens + extra)
+                   for seq in self.sequences)
 
     def append_token(self, token: int, sampled=None) -> Optional[str]:
         """Record a sampled token (and its logprobs, from a decoding.Sampled, when asked
         for); the finish reason it causes (EOS, stop, length), if any."""
         if self.params.logprobs is not None and sampled is not None:
             self.logprobs.append(self._token_logprob(token, sampled))
-        if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
-            self.metrics.time_to_first_token = self.first_token_time - self.arrival_time
+        self._note_first_token()
         self.output_ids.append(token)
         stopped = self.detokenizer.append(token)
         if stopped or self.is_end_token(token):
@@ -83,6 +88,23 @@ class Request:
         if len(self.output_ids) >= self.params.max_tokens:
             return "length"
         return None
+
+    def append_piece(self, token_ids: list[int], text: str) -> Optional[str]:
+        """Record a piece of a nudging answer (its base-tokenizer ids and its exact text,
+        which may join the two sides' tokens differently); the finish reason it causes."""
+        self._note_first_token()
+        self.output_ids.extend(token_ids)
+        stopped = self.detokenizer.append_text(text)
+        if stopped or (token_ids and self.is_end_token(token_ids[-1])):
+            return "stop"
+        if len(self.output_ids) >= self.params.max_tokens:
+            return "length"
+        return None
+
+    def _note_first_token(self) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+            self.metrics.time_to_first_token = self.first_token_time - self.arrival_time
 
     def _token_logprob(self, token: int, sampled) -> TokenLogprob:
         decode = self.detokenizer.tokenizer.decode

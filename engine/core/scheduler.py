@@ -15,6 +15,7 @@ from ..errors import CacheExhaustedError
 from ..kv_cache import BlockManager
 from .request import Request, RequestStatus
 from .sequence import Sequence
+from . import nudging
 from .speculation import due_counts, logits_wanted, propose, settle, store_logits
 
 
@@ -76,7 +77,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._admit(request)
-            budget = self._plan_request(request, budget, batch)
+            if request.nudging is None or self._reserve_decode(request):
+                budget = self._plan_request(request, budget, batch)
         return batch
 
     def _admit(self, request: Request) -> None:
@@ -95,6 +97,9 @@ class Scheduler:
             propose(request)
         while True:
             try:
+                if request.nudging is not None:
+                    nudging.reserve(request, self.block_manager, self.copy_page)
+                    return True
                 drawn = request.drawn_ids
                 for seq in request.sequences:
                     new = drawn[seq.num_generated:]
@@ -113,6 +118,11 @@ class Scheduler:
         """Schedule the request's uncomputed tokens within budget; returns the budget left."""
         if request.speculation is not None:
             return self._plan_speculative(request, budget, batch)
+        if request.nudging is not None:
+            work = nudging.plan_work(request, budget)
+            if work:
+                batch.work.append((request, work))
+            return budget - sum(count for _, count, _ in work)
         remaining = [seq.num_uncomputed for seq in request.sequences]
         if sum(remaining) <= budget:
             counts, samples = remaining, True
@@ -143,7 +153,7 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, logits: dict[Sequence, torch.Tensor],
                     failed: dict[Request, BaseException]) -> list[Request]:
         """All bookkeeping after the forwards; returns the requests whose output changed."""
-        speculative = []
+        speculative, nudged = [], []
         for request, work in batch.work:
             if request in failed:
                 self.finish(request, "error", failed[request])
@@ -152,18 +162,27 @@ class Scheduler:
             for seq, count, _ in work:
                 seq.num_computed += count
                 request.metrics.term_forward_passes[request.sequences.index(seq)] += 1
-                if request.speculation is None:
+                if request.nudging is not None:
+                    slot = request.sequences.index(seq)
+                    settled = nudging.settled_length(request, slot)
+                    self.block_manager.commit(seq, min(seq.num_computed, settled))
+                elif request.speculation is None:
                     self.block_manager.commit(seq, seq.num_computed)
+            if request.nudging is not None:
+                nudged.append(request)
             if request.speculation is not None:
                 store_logits(request, work, logits)
                 speculative.append(request)
         sampling = [r for r in batch.sampling if not r.is_finished]
         rows = [DecodeRow(r.formula, r.plan, [logits[seq][-1] for seq in r.sequences], r.params,
-                          r.seed, len(r.output_ids)) for r in sampling]
+                          r.seed, len(r.output_ids), r.classifier and r.classifier.at(r.output_ids))
+                for r in sampling]
         for request, token in zip(sampling, next_tokens(rows) if rows else []):
             self._take_token(request, token)
         if speculative:
             self._settle(speculative)
+        if nudged:
+            nudging.advance(nudged, logits, self._take_piece, self.finish)
         return [request for request, _ in batch.work]
 
     def _settle(self, requests: list[Request]) -> None:
@@ -193,12 +212,23 @@ class Scheduler:
         if reason is not None:
             self.finish(request, reason)
 
+    def _take_piece(self, request: Request, token_ids: list[int], text: str) -> None:
+        """Append a piece of a nudging answer (or fail the request with what it raised)."""
+        try:
+            self.counters.tokens_generated += len(token_ids)
+            reason = request.append_piece(token_ids, text)
+        except Exception as error:  # this request fails alone
+            self.finish(request, "error", error)
+            return
+        if reason is not None:
+            self.finish(request, reason)
+
     def preempt(self, request: Request) -> None:
         """Free all the request's pages; it re-enters the queue first and recomputes later."""
         for seq in request.sequences:
             if self.block_manager.is_live(seq):
                 self.block_manager.preempt(seq)
-            seq.reset(request.output_ids)
+            seq.reset(request.output_ids if request.nudging is None else [])
         if request.spec_state is not None:
             request.spec_state.reset()
         self.running.remove(request)

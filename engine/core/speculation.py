@@ -140,7 +140,9 @@ def _draw_plain(group: list[Turn], take_token: TakeToken) -> list[Turn]:
     if plain:
         rows = [DecodeRow(turn.row.laws[0].formula, turn.row.laws[0].plan,
                           [turn.row.term_logits[0][slot] for slot in turn.row.laws[0].slots],
-                          turn.row.params, turn.row.seed, turn.row.step) for turn in plain]
+                          turn.row.params, turn.row.seed, turn.row.step,
+                          turn.request.classifier and turn.request.classifier.at(turn.request.drawn_ids))
+                for turn in plain]
         for turn, token in zip(plain, next_tokens(rows)):
             state = turn.request.spec_state
             if isinstance(token, Exception):

@@ -1,6 +1,7 @@
 """Formula composition over stacked term logits: every row's formula turns its terms' raw
 logits into normalised log-probs. Rows with a plan share one fused combine call (the kernel
-dispatch picks C++ on CPU, Triton on CUDA); rows without one use Formula.log_probs."""
+dispatch picks C++ on CPU, Triton on CUDA); rows without one use Formula.log_probs, with their Classifier terms scored in one batched
+classifier forward per spec (classifier.py)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -9,6 +10,7 @@ import torch
 
 from ..bindings.ops import combine
 from ..formula import Formula, Plan, stack_plans
+from .classifier import ClassifierInput, classifier_closures
 
 
 def stack_term_logits(term_logits: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -20,16 +22,21 @@ def stack_term_logits(term_logits: Sequence[Sequence[torch.Tensor]]) -> torch.Te
 
 
 def compose(formulas: Sequence[Formula], plans: Sequence[Optional[Plan]],
-            term_logits: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """Normalised log-probs [B, V] (float32) of each row's formula on its terms' logits."""
+            term_logits: Sequence[Sequence[torch.Tensor]],
+            classifiers: Optional[Sequence[Optional[ClassifierInput]]] = None) -> torch.Tensor:
+    """Normalised log-probs [B, V] (float32) of each row's formula on its terms' logits;
+    classifiers[i] is what row i's Classifier terms need (None: the row has none), and every
+    row's classifier texts are scored together, one forward per classifier."""
     stacked = stack_term_logits(term_logits)
     planned = [row for row, plan in enumerate(plans) if plan is not None]
     result = torch.empty(stacked.shape[1], stacked.shape[-1], dtype=torch.float32, device=stacked.device)
     if planned:
         plan_tensors = stack_plans([plans[row] for row in planned], device=stacked.device)
         result[planned] = combine(stacked[:, planned].contiguous(), *plan_tensors)[0]
-    for row, formula in enumerate(formulas):
-        if plans[row] is None:
-            terms = len(term_logits[row])
-            result[row] = formula.log_probs(stacked[:terms, row: row + 1])[0]
+    general = [row for row, plan in enumerate(plans) if plan is None]
+    rows_logits = [stacked[: len(term_logits[row]), row: row + 1] for row in general]
+    inputs = [classifiers[row] if classifiers is not None else None for row in general]
+    closures = classifier_closures([formulas[row] for row in general], rows_logits, inputs)
+    for row, logits, closure in zip(general, rows_logits, closures):
+        result[row] = formulas[row].log_probs(logits, classifier_scores=closure)[0]
     return result

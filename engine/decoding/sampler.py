@@ -12,13 +12,15 @@ import torch
 from ..bindings.ops import sample
 from ..formula import Formula, Plan
 from ..sampling_params import SamplingParams
+from .classifier import ClassifierInput
 from .composer import compose
 
 
 @dataclass
 class DecodeRow:
     """One request's turn to pick a token: its formula, plan, term logits [V] in
-    formula.terms order, sampling parameters, seed and step (tokens generated so far)."""
+    formula.terms order, sampling parameters, seed and step (tokens generated so far); and
+    for a formula with Classifier terms what they read (prompt text, generated tokens)."""
 
     formula: Formula
     plan: Optional[Plan]
@@ -26,6 +28,7 @@ class DecodeRow:
     params: SamplingParams
     seed: int
     step: int
+    classifier: Optional[ClassifierInput] = None
 
 
 @dataclass
@@ -49,7 +52,8 @@ def sampling_tensors(rows: Sequence[DecodeRow], vocab_size: int, device: torch.d
 
 
 def _draw(rows: Sequence[DecodeRow]) -> list[Sampled]:
-    log_probs = compose([r.formula for r in rows], [r.plan for r in rows], [r.term_logits for r in rows])
+    log_probs = compose([r.formula for r in rows], [r.plan for r in rows], [r.term_logits for r in rows],
+                        [r.classifier for r in rows])
     tokens = sample(log_probs, *sampling_tensors(rows, log_probs.shape[-1], log_probs.device)).tolist()
     drawn = [Sampled(token) for token in tokens]
     for index, row in enumerate(rows):

@@ -7,6 +7,7 @@ Nothing here knows about the engine."""
 from .node import Constant, EvalContext, Formula, Linear, as_formula, normalise
 from .operators import (Classifier, ClassifierSpec, Indicator, Intersection, Max, Min, Plausible,
                         SelfDebias, TopPTopK, Union)
+from .nudging import Nudging
 from .parser import parse_formula
 from .plan import Plan, compile_plan, served_by_engine, stack_plans
 from .registry import NodeInfo, node_info, register, registered_ops
@@ -15,7 +16,7 @@ from .terms import Model, Term
 
 __all__ = [
     "Classifier", "ClassifierSpec", "Constant", "EvalContext", "Formula", "Indicator",
-    "Intersection", "Linear", "Max", "Min", "Model", "NgramDraft", "NodeInfo", "Plan",
+    "Intersection", "Linear", "Max", "Min", "Model", "NgramDraft", "NodeInfo", "Nudging", "Plan",
     "Plausible", "SelfDebias", "Speculative", "Term", "TopPTopK", "Union", "as_formula",
     "compile_plan", "node_info", "normalise", "parse_formula", "register", "registered_ops",
     "served_by_engine", "stack_plans",

@@ -305,7 +305,8 @@ class Linear(Formula):
         pieces = []
         for child, weight in self.items:
             size = abs(weight)
-            body = str(child) if size == 1 else f"{number_text(size)}*{_operand(child)}"
+            alone = len(self.items) == 1       # "1*M()" keeps a one-item sum a sum when read back
+            body = str(child) if size == 1 and not alone else f"{number_text(size)}*{_operand(child)}"
             pieces.append(("-" if weight < 0 else "+", body))
         if not pieces:
             return "Constant(0)"

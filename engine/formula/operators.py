@@ -189,11 +189,13 @@ class Indicator(Formula):
         return 0.0, 1.0
 
 
-@registry.register("plausible")
+@registry.register("plausible", plan_role="mask")
 @dataclass(frozen=True)
 class Plausible(Formula):
     """f restricted to the tokens `reference` finds plausible, p_ref(x) >= alpha * max p_ref
-    (contrastive decoding's adaptive plausibility constraint); -inf elsewhere, norm(f)."""
+    (contrastive decoding's adaptive plausibility constraint); -inf elsewhere, norm(f).
+    Around a whole plannable formula with a linear reference it compiles into the fused
+    combine kernel's plausibility mask (plan.py)."""
 
     formula: Formula
     reference: Formula
@@ -230,14 +232,15 @@ class ClassifierSpec:
     dtype: str = "float32"
 
 
-@registry.register("classifier", engine=False)
+@registry.register("classifier")
 @dataclass(frozen=True)
 class Classifier(Formula):
     """Guide by a classifier on the top-k tokens of a base formula (FUDGE-style, Bayes rule).
 
     value = log P(label | prefix + t) - log P(label | prefix) for the k most likely tokens t
     of normalise(base), 0 elsewhere; norm 0, so it biases without entering the normaliser.
-    Scores come from EvalContext.classifier_scores(node, top_token_ids [B, k]) -> [B, k].
+    Scores come from EvalContext.classifier_scores(node, top_token_ids [B, k]) -> [B, k]: the
+    engine scores a step's texts in one batched forward per classifier (decoding/classifier.py).
     """
 
     base: Formula

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Union as TypingUnion
 
 from ..errors import FormulaError
 from .node import Constant, Formula
+from .nudging import Nudging
 from .operators import Indicator, Intersection, Plausible, SelfDebias, TopPTopK, Union
 from .speculative import NgramDraft, Speculative
 from .terms import DEFAULT_TEMPLATE, Model, Term
@@ -26,6 +27,7 @@ NODES: dict[str, Callable[..., Formula]] = {
     "Union": Union, "Intersection": Intersection, "Max": Union, "Min": Intersection,
     "TopPTopK": TopPTopK, "SelfDebias": SelfDebias, "Indicator": Indicator, "Constant": Constant,
     "Speculative": Speculative, "NgramDraft": NgramDraft, "Plausible": Plausible,
+    "Nudging": Nudging,
 }
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
              ast.Div: operator.truediv}
@@ -83,7 +85,9 @@ class _Reader:
 
     def _constant(self, node: ast.Constant) -> Value:
         value = node.value
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)) and value is not None:
+        if isinstance(value, bool):
+            return value      # flags such as Nudging's full_drafts=
+        if not isinstance(value, (int, float, str)) and value is not None:
             raise _fail(node, f"{value!r} is not a number or a quoted string")
         return value          # ints stay ints: top_k=, k=, speculative_factor= need them
 

@@ -2,14 +2,21 @@
 
 A plan has R = 1 + 2G linear row-blocks over the formula's T terms: row-block 0 is the
 top-level weighted sum, and each Union/Intersection group g combines row-blocks 1+2g and
-2+2g, scaled by its coefficient. Which node plays which part is read from the registry
-(plan_role); formulas outside this shape (TopPTopK, SelfDebias, Indicator, Classifier,
-nested groups) have no plan and are evaluated by Formula.log_probs.
+2+2g, scaled by its coefficient. A Plausible node around the whole formula adds a
+plausibility mask: one more linear row over the terms (its reference, divided by the
+reference's norm) and log(alpha); the kernels set -inf on the tokens whose reference score
+is below the row's maximum + log(alpha), which is p_ref < alpha * max p_ref because the
+softmax's normaliser shifts every token alike. Which node plays which part is read from the
+registry (plan_role); formulas outside this shape (TopPTopK, SelfDebias, Indicator,
+Classifier, nested groups, a nested or non-linear-reference Plausible) have no plan and are
+evaluated by Formula.log_probs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Sequence
+
+import math
 
 import torch
 
@@ -17,24 +24,36 @@ from .node import Formula
 from .registry import node_info
 
 GROUP_KINDS = {"max": 1, "min": -1}
+NO_MASK = float("-inf")   # mask_log_alpha of a plan without a plausibility mask: keeps every token
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Weights [R][T], constants [R], group coefficients [G] and kinds (+1 max, -1 min)."""
+    """Weights [R][T], constants [R], group coefficients [G] and kinds (+1 max, -1 min),
+    and the plausibility mask: mask_weights [T] (the reference's weights over the terms,
+    divided by its norm when that is nonzero) and mask_log_alpha = log(alpha); a token is
+    kept iff sum_t mask_weights[t] * L_t >= its row maximum + mask_log_alpha. No mask (every
+    plan but a Plausible one): mask_weights () and mask_log_alpha NO_MASK (-inf)."""
 
     terms: tuple
     weights: tuple[tuple[float, ...], ...]
     consts: tuple[float, ...]
     group_coefs: tuple[float, ...]
     group_kinds: tuple[int, ...]
+    mask_weights: tuple[float, ...] = ()
+    mask_log_alpha: float = NO_MASK
 
     @property
     def num_row_blocks(self) -> int:
         return len(self.consts)
 
+    @property
+    def masked(self) -> bool:
+        """True when the plan carries a plausibility mask (a top-level Plausible)."""
+        return self.mask_log_alpha > NO_MASK
+
     def tensors(self, batch_size: int = 1, device="cpu"):
-        """The plan as kernel inputs for batch_size rows: ([B,R,T], [B,R], [B,G], [B,G])."""
+        """The plan as kernel inputs for batch_size rows: see stack_plans."""
         return stack_plans([self] * batch_size, device=device)
 
 
@@ -64,12 +83,11 @@ class _LinearBuilder:
         return tuple(self.weights.get(t, 0.0) for t in range(num_terms))
 
 
-def compile_plan(formula: Formula) -> Optional[Plan]:
-    """The fused-kernel plan of a formula, or None when it needs the general evaluator."""
-    formula.validate()
-    terms: dict = {leaf: i for i, leaf in enumerate(formula.terms)}
+def _body(formula: Formula, terms: dict):
+    """The row-blocks (top, then each group's two sides), group coefficients and kinds of a
+    weighted sum of terms and Union/Intersection groups; None for any other shape."""
     top = _LinearBuilder(terms)
-    sides: list[tuple[_LinearBuilder, _LinearBuilder]] = []
+    sides: list[_LinearBuilder] = []
     coefs: list[float] = []
     kinds: list[int] = []
     linear = node_info(formula).plan_role == "linear"
@@ -79,20 +97,53 @@ def compile_plan(formula: Formula) -> Optional[Plan]:
             left, right = _LinearBuilder(terms), _LinearBuilder(terms)
             if not (left.add(node.left, 1.0) and right.add(node.right, 1.0)):
                 return None
-            sides.append((left, right))
+            sides += [left, right]
             coefs.append(weight)
             kinds.append(GROUP_KINDS[role])
         elif not top.add(node, weight):
             return None
+    return [top] + sides, tuple(coefs), tuple(kinds)
+
+
+def _mask(plausible: Formula, terms: dict) -> Optional[_LinearBuilder]:
+    """The reference of a Plausible node as a row over the terms, divided by its norm (as
+    normalise does); None unless it is a linear combination of terms with norm >= 0."""
+    reference = _LinearBuilder(terms)
+    if not reference.add(plausible.reference, 1.0) or not reference.weights:
+        return None
+    norm = sum(reference.weights.values()) + reference.const
+    if norm < 0:  # dividing by it would flip -inf to +inf: leave it to Formula.log_probs
+        return None
+    if norm != 0:
+        reference.weights = {t: w / norm for t, w in reference.weights.items()}
+    return reference
+
+
+def compile_plan(formula: Formula) -> Optional[Plan]:
+    """The fused-kernel plan of a formula, or None when it needs the general evaluator."""
+    formula.validate()
+    terms: dict = {leaf: i for i, leaf in enumerate(formula.terms)}
+    mask, mask_log_alpha = None, NO_MASK
+    if node_info(formula).plan_role == "mask":
+        mask, mask_log_alpha = _mask(formula, terms), math.log(formula.alpha)
+        if mask is None:
+            return None
+        formula = formula.formula
+    body = _body(formula, terms)
+    if body is None:
+        return None
+    blocks, coefs, kinds = body
     num_terms = len(terms)
-    blocks = [top] + [builder for pair in sides for builder in pair]
     return Plan(terms=tuple(terms), weights=tuple(b.row(num_terms) for b in blocks),
-                consts=tuple(b.const for b in blocks), group_coefs=tuple(coefs),
-                group_kinds=tuple(kinds))
+                consts=tuple(b.const for b in blocks), group_coefs=coefs, group_kinds=kinds,
+                mask_weights=mask.row(num_terms) if mask else (), mask_log_alpha=mask_log_alpha)
 
 
 def stack_plans(plans: Sequence[Plan], device="cpu"):
-    """Per-row plans padded to a common shape: weights [B,R,T], consts [B,R], coefs/kinds [B,G].
+    """Per-row plans padded to a common shape: (weights [B,R,T], consts [B,R], coefs [B,G],
+    kinds [B,G], mask_weights [B,T], mask_log_alpha [B]); the two mask tensors are None when
+    no row is masked (the kernels then skip the mask), else unmasked rows get weights 0 and
+    log_alpha -inf, so one batch mixes masked and unmasked rows.
 
     Row b's terms occupy the first len(plans[b].terms) slots of the stacked logits; padding
     slots get weight 0 (the kernels ignore their logits) and padding groups coefficient 0.
@@ -110,7 +161,22 @@ def stack_plans(plans: Sequence[Plan], device="cpu"):
         consts[row, : plan.num_row_blocks] = torch.tensor(plan.consts)
         coefs[row, : len(plan.group_coefs)] = torch.tensor(plan.group_coefs, dtype=torch.float32)
         kinds[row, : len(plan.group_kinds)] = torch.tensor(plan.group_kinds, dtype=torch.int32)
-    return weights.to(device), consts.to(device), coefs.to(device), kinds.to(device)
+    masks = _stack_masks(plans, num_terms)
+    tensors = (weights, consts, coefs, kinds) + masks
+    return tuple(t if t is None else t.to(device) for t in tensors)
+
+
+def _stack_masks(plans: Sequence[Plan], num_terms: int):
+    """(mask_weights [B,T], mask_log_alpha [B]) of the plans, or (None, None) when none is masked."""
+    if not any(plan.masked for plan in plans):
+        return None, None
+    mask_weights = torch.zeros(len(plans), num_terms, dtype=torch.float32)
+    mask_log_alpha = torch.full((len(plans),), NO_MASK, dtype=torch.float32)
+    for row, plan in enumerate(plans):
+        if plan.masked:
+            mask_weights[row, : len(plan.terms)] = torch.tensor(plan.mask_weights, dtype=torch.float32)
+            mask_log_alpha[row] = plan.mask_log_alpha
+    return mask_weights, mask_log_alpha
 
 
 def served_by_engine(formula: Formula) -> Optional[str]:
@@ -125,7 +191,12 @@ def served_by_engine(formula: Formula) -> Optional[str]:
 def restrict_plan(plan: Plan, present: Sequence[bool]) -> Plan:
     """The plan over only the present terms (speculation's partial formula): absent terms get
     weight 0, and a Union/Intersection side left without any of its terms drops out, so the
-    group becomes its other side (added to the top-level block)."""
+    group becomes its other side (added to the top-level block). A masked plan has no partial
+    law (its reference may lose terms), so speculation rejects Plausible formulas up front."""
+    if plan.masked:
+        raise ValueError("restrict_plan: a plan with a plausibility mask (Plausible) has no "
+                         "partial law over a subset of its terms")
+
     def keep(row):
         return tuple(w if present[t] else 0.0 for t, w in enumerate(row))
 
@@ -150,7 +221,7 @@ def restrict_plan(plan: Plan, present: Sequence[bool]) -> Plan:
 
 
 def plan_norm_bounds(plan: Plan) -> tuple[float, float]:
-    """Smallest and largest total norm the plan can give a token."""
+    """Smallest and largest total norm the plan can give a token (a mask changes no norm)."""
     norms = [sum(row) + const for row, const in zip(plan.weights, plan.consts)]
     low = high = norms[0]
     for g, coef in enumerate(plan.group_coefs):

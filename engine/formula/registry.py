@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import FormulaError, LmarithError
 
-PLAN_ROLES = ("term", "constant", "linear", "max", "min")
+PLAN_ROLES = ("term", "constant", "linear", "max", "min", "mask")
 MAX_JSON_DEPTH = 256
 
 
@@ -19,7 +19,8 @@ class NodeInfo:
 
     op: str
     cls: type
-    plan_role: Optional[str] = None   # how plan.py flattens it; None: no fused plan
+    plan_role: Optional[str] = None   # how plan.py flattens it ("mask": a top-level
+                                      # plausibility mask); None: no fused plan
     engine: bool = True               # False: only lmarith.reference.generate evaluates it
 
 

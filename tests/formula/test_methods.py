@@ -94,3 +94,27 @@ def test_contrastive_decoding(logits):
     assert la.Formula.from_json(formula.to_json()) == formula
     with pytest.raises(la.FormulaError, match="alpha"):
         contrastive_decoding(A, B, alpha=0)
+
+
+def test_fudge_adds_the_classifier_log_ratio_on_the_top_k(logits):
+    generator = torch.Generator().manual_seed(3)
+    table = torch.randn(VOCAB, generator=generator) - 1.0     # log P(a | prefix + t), per token t
+    prefix = -0.7                                              # log P(a | prefix)
+    seen = []
+
+    def scores(node, candidates):
+        seen.append((node.classifier, node.k))
+        return table[candidates] - prefix
+
+    formula = la.methods.fudge(A, la.ClassifierSpec("/classifiers/c", label=0), k=5, strength=1.5)
+    stacked = torch.stack([logits[term] for term in formula.terms])[:, None, :]
+    got = formula.log_probs(stacked, classifier_scores=scores)[0]
+    base = _l(logits, A)
+    top = torch.topk(base, 5).indices
+    bonus = torch.zeros(VOCAB).scatter(-1, top, table[top] - prefix)
+    torch.testing.assert_close(got, torch.log_softmax(base + 1.5 * bonus, -1))
+    assert seen == [(la.ClassifierSpec("/classifiers/c", label=0), 5)]
+    assert la.methods.fudge(A, "/c") == A + la.Classifier(A, la.ClassifierSpec("/c"), k=200)
+    with pytest.raises(la.FormulaError, match="strength"):
+        la.methods.fudge(A, "/c", strength=float("nan"))
+    assert "fudge" in la.methods.__all__

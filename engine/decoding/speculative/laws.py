@@ -73,6 +73,11 @@ class SpeculationPlan:
         if self.full_plan is None:
             raise FormulaError(f"speculative_factor > 1 needs a formula of weighted sums and "
                                f"Union/Intersection of terms; {formula} is not one")
+        if self.full_plan.masked:
+            raise FormulaError(f"speculative_factor > 1 cannot be used with Plausible (contrastive "
+                               f"decoding's plausibility mask) in {formula}: its reference has no "
+                               "law over a subset of the terms; drop speculative_factor, or speed "
+                               "it up with Speculative(target, draft, k)")
         if 1 not in self.factors:  # "auto" terms may be slow too
             raise FormulaError(f"at least one term of {formula} needs speculative_factor 1: "
                                "the tokens in between are drawn from those terms")
