@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-ENGINE_PACKAGES = ["formula", "core", "kv_cache", "worker", "decoding", "decoding.speculative", "models",
+ENGINE_PACKAGES = ["formula", "core", "kv_cache", "worker", "decoding", "decoding.speculative", "decoding.nudging", "models",
                    "models.loading",
                    "entrypoints", "entrypoints.openai"]
 
