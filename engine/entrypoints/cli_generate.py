@@ -128,16 +128,18 @@ def stream_all(llm, prompts: list, formula, params, summary: bool = True) -> Non
     for prompt, chunks in zip(prompts, streams):
         if len(prompts) > 1:
             sys.stdout.write(f"==> {prompt_label(prompt)} <==\n")
-        tokens, finish = 0, None
+        tokens, finish, metrics = 0, None, None
         for chunk in chunks:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
             tokens += len(chunk.token_ids)
-            finish = chunk.finish_reason or finish
+            finish, metrics = chunk.finish_reason or finish, chunk.metrics or metrics
         sys.stdout.write("\n")
         sys.stdout.flush()
         if summary:
-            print(f"[{tokens} tokens, {finish}]", file=sys.stderr, flush=True)
+            nudged = (f", {metrics.nudged_tokens} nudged in {metrics.nudging_rounds} rounds"
+                      if metrics is not None and metrics.nudging_rounds else "")
+            print(f"[{tokens} tokens, {finish}{nudged}]", file=sys.stderr, flush=True)
 
 
 def prompt_label(prompt: Any) -> str:

@@ -122,6 +122,23 @@ def test_formula_extension_overrides_preset(client, local_llm, setup):
     assert chat.choices[0].message.content == want_chat.text
 
 
+def test_nudging_formula_per_request(client, local_llm, setup):
+    """A request may carry a Nudging formula string: the server gives the Python API's answer."""
+    models, _ = setup
+    text = "Nudging(M(), Chat('You are kind.', model='tiny-b'), gamma=0.5)"
+    formula = la.parse_formula(text, models)
+    want = expect(local_llm, "The cat sat", formula, temperature=0, max_tokens=16)
+    assert want.metrics.nudging_rounds >= 1
+    got = client.completions.create(model="tiny", prompt="The cat sat", max_tokens=16, temperature=0,
+                                    extra_body={"formula": text})
+    assert got.choices[0].text == want.text
+    assert got.usage.completion_tokens == len(want.token_ids)
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=16, temperature=0,
+                                          extra_body={"formula": text})
+    assert chat.choices[0].message.content == expect(local_llm, CHAT, formula, temperature=0,
+                                                     max_tokens=16).text
+
+
 def test_sampling_extensions_and_stop(client, local_llm, setup):
     _, presets = setup
     params = dict(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, seed=11, max_tokens=12)
