@@ -4,6 +4,9 @@ variants, and printed as ratios (machines here are noisy).
 
     python benchmarks/bench_latency.py [--tokens 32] [--repeats 3] [--batches 1 16]
         [--terms 1 2 3 5] [--plot latency.png] [--quiet]
+    python benchmarks/bench_latency.py --context-sweep 32 512 2048 [--attention-rows 1 17 64 512]
+        (batch-1 decode and prefill per context length, torch vs C++ paged attention;
+        benchmarks/context_sweep.py)
     lmarith bench latency [the same options]
 """
 from __future__ import annotations
@@ -89,6 +92,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="also draw ms/step against the number of terms, one line per batch "
                              "size, into PATH (e.g. latency.png)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--context-sweep", type=int, nargs="+", metavar="TOKENS", default=None,
+                        help="instead of the formula table: batch-1 decode ms/token and prefill "
+                             "at these context lengths, torch vs C++ paged attention")
+    parser.add_argument("--attention-rows", type=int, nargs="+", metavar="ROWS", default=None,
+                        help="with --context-sweep (or alone): one layer's attention call for "
+                             "these query rows per sequence, torch vs the C++ kernel")
     return parser.parse_args(argv)
 
 
@@ -98,6 +107,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         os.environ[NO_PROGRESS_ENV] = "1"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.context_sweep or args.attention_rows:
+        return attention_sweeps(args)
     model = embedded_model("float32")
     llm = la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=64, models=[model])
     hf_model = AutoModelForCausalLM.from_pretrained(model.path).eval()
@@ -109,6 +120,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     table, baselines = measure(args, llm, model, (hf_model, tokenizer), (weight_bytes, bandwidth))
     if args.plot:
         print(f"plot: {plot_latency(table, args.plot, baselines)}")
+
+
+def attention_sweeps(args: argparse.Namespace) -> None:
+    """--attention-rows and --context-sweep (benchmarks/context_sweep.py)."""
+    from context_sweep import attention_rows_sweep, context_sweep
+    from transformers import AutoTokenizer
+
+    print(f"threads={torch.get_num_threads()} tokens={args.tokens} repeats={args.repeats}",
+          flush=True)
+    if args.attention_rows:
+        attention_rows_sweep(args.attention_rows)
+    if args.context_sweep:
+        model = embedded_model("float32")
+        llm = la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=8, models=[model])
+        tokenizer = AutoTokenizer.from_pretrained(model.path)
+        context_sweep(llm, model, tokenizer, args.context_sweep, args.tokens, args.repeats)
 
 
 def measure(args: argparse.Namespace, llm: la.LLM, model: la.Model, hf: tuple,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from lmarith.kernels.quant_formats import QuantWeight
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -181,3 +183,20 @@ def validate_spec_accept(target_log_probs: torch.Tensor, draft_log_probs: torch.
     if batch and ((num_drafts < 0) | (num_drafts > positions - 1)).any():
         raise ValueError(f"num_drafts must lie in [0, {positions - 1}] (K)")
     return device
+
+
+def validate_quant_matmul(x: torch.Tensor, weight: QuantWeight, **face_options) -> torch.device:
+    """x [M, K] float32/bfloat16 against a QuantWeight [N, K] on the same device."""
+    if not isinstance(weight, QuantWeight):
+        raise ValueError(f"weight must be a lmarith.kernels.quant_formats.QuantWeight, got "
+                         f"{type(weight).__name__}; quantize it with ops.quantize_q8_0 or load "
+                         "it from a GGUF file")
+    _check_tensors({"x": x})
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got shape {list(x.shape)}; flatten the leading dims "
+                         "with x.reshape(-1, K)")
+    if x.shape[1] != weight.in_features:
+        raise ValueError(f"x has K = {x.shape[1]} columns but the weight's in_features is "
+                         f"{weight.in_features}")
+    _check_dtype("x", x, (torch.float32, torch.bfloat16), "a float32 or bfloat16")
+    return _check_same_device({"x": x, "weight.data": weight.data})

@@ -1,9 +1,12 @@
-"""The C++ faces (lmarith._C, OpenMP + SIMD) of combine, sample and spec_accept, on inputs
+"""The C++ faces (lmarith._C, OpenMP + SIMD) of combine, sample, spec_accept and
+paged_attention, on inputs
 already checked by bindings/checks.py: tensors are made contiguous in the dtypes the kernels
 read and passed as raw pointers, so _C never depends on torch's C++ ABI."""
 from __future__ import annotations
 
 import torch
+
+from lmarith.kernels import reference_attention
 
 try:
     from lmarith import _C
@@ -100,3 +103,57 @@ def spec_accept(target_log_probs: torch.Tensor, draft_log_probs: torch.Tensor,
                    seed.data_ptr(), step.data_ptr(), greedy.data_ptr(), batch, positions - 1, vocab,
                    num_accepted.data_ptr(), next_token.data_ptr())
     return num_accepted, next_token
+
+
+_ATTN_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# Query rows per sequence above which paged_attention hands the step to the torch reference
+# (gathered pages + SDPA); None: never. Measured on SmolLM2-135M shapes (9 heads, 3 kv heads,
+# head_dim 64, 2 threads; `bench_latency.py --attention-rows 1 17 64 128 256 512`, one layer
+# at context 512): the C++ kernel took 0.39, 0.45, 0.45, 0.64, 0.52, 0.37x the torch face's
+# time, and a whole 2048-token prefill (2048-row chunks) ran ~2x faster (--context-sweep), so
+# there is no crossover up to the engine's 2048-token chunks: SDPA computes the masked-out
+# half of the causal square, the kernel skips it. Set it where a host's SDPA does win.
+ATTENTION_MAX_QUERY_ROWS: int | None = None
+
+
+def _attention_metadata(meta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's int64 contiguous (query_start, context_lens, block_tables), made once per
+    step and kept in meta.scratch for the other layers."""
+    key = "cpp_attention_metadata"
+    if key not in meta.scratch:
+        meta.scratch[key] = tuple(_contiguous(t, torch.int64) for t in
+                                  (meta.query_start, meta.context_lens, meta.block_tables))
+    return meta.scratch[key]
+
+
+def _attention_in_place(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        meta) -> bool:
+    """True when the C++ kernel takes the step: float32/bfloat16 tensors (one cache dtype)
+    with head_dim contiguous, and no sequence past ATTENTION_MAX_QUERY_ROWS rows (if set)."""
+    return (query.dtype in _ATTN_DTYPES and key_cache.dtype in _ATTN_DTYPES
+            and value_cache.dtype == key_cache.dtype and key_cache.stride(3) == 1
+            and value_cache.stride(3) == 1
+            and (ATTENTION_MAX_QUERY_ROWS is None or meta.max_query_len <= ATTENTION_MAX_QUERY_ROWS))
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    meta, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Runs lmarith._C.paged_attention on validated CPU inputs, reading K/V in place through
+    the block table (caches may be strided views of an arena); other dtypes (and chunks past
+    ATTENTION_MAX_QUERY_ROWS, when set) go to the torch reference."""
+    if not _attention_in_place(query, key_cache, value_cache, meta):
+        return reference_attention.paged_attention(query, key_cache, value_cache, meta, scale,
+                                                   sliding_window)
+    if query.stride(2) != 1:
+        query = query.contiguous()
+    query_start, context_lens, block_tables = _attention_metadata(meta)
+    out = torch.empty(query.shape, dtype=query.dtype)
+    num_pages, page_size, kv_heads, _ = key_cache.shape
+    _C.paged_attention(query.data_ptr(), _ATTN_DTYPES[query.dtype], tuple(query.shape),
+                       query.stride()[:2], key_cache.data_ptr(), value_cache.data_ptr(),
+                       _ATTN_DTYPES[key_cache.dtype], key_cache.stride()[:3],
+                       value_cache.stride()[:3], (num_pages, page_size, kv_heads),
+                       query_start.data_ptr(), context_lens.data_ptr(), block_tables.data_ptr(),
+                       context_lens.shape[0], block_tables.shape[1], float(scale),
+                       sliding_window or 0, out.data_ptr())
+    return out

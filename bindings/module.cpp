@@ -3,7 +3,10 @@
 // (lmarith.bindings.ops) owns validation, contiguity and dtypes. The GIL is released
 // while the kernels run.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -13,6 +16,9 @@
 namespace py = pybind11;
 
 namespace {
+
+using Int2 = std::array<int64_t, 2>;
+using Int3 = std::array<int64_t, 3>;
 
 template <typename T>
 T* address_as(std::uintptr_t address) {
@@ -77,6 +83,81 @@ void spec_accept_entry(std::uintptr_t target_log_probs, std::uintptr_t draft_log
                        address_as<int64_t>(next_token));
 }
 
+// Paged-attention metadata must keep every read inside the cache: rows partition [0, N) in
+// order, each sequence's query rows fit its context, and every page its context uses is a
+// real page. Returns the longest context.
+int64_t check_paged_metadata(const int64_t* query_start, const int64_t* context_lens,
+                             const int64_t* block_tables, int64_t num_seqs, int64_t table_width,
+                             int64_t num_tokens, int64_t page_size, int64_t num_pages) {
+  require(query_start[0] == 0 && query_start[num_seqs] == num_tokens,
+          "paged_attention: query_start must run from 0 to the number of query rows");
+  int64_t longest = 0;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t q_len = query_start[seq + 1] - query_start[seq], ctx = context_lens[seq];
+    require(q_len >= 0 && q_len <= ctx, "paged_attention: sequence " + std::to_string(seq) +
+                                            " needs 0 <= query rows <= context length");
+    const int64_t pages = (ctx + page_size - 1) / page_size;
+    require(pages <= table_width, "paged_attention: block table too narrow for sequence " +
+                                      std::to_string(seq));
+    for (int64_t p = 0; q_len > 0 && p < pages; ++p) {
+      const int64_t page = block_tables[seq * table_width + p];
+      require(page >= 0 && page < num_pages, "paged_attention: page id " + std::to_string(page) +
+                                                 " outside the cache's " +
+                                                 std::to_string(num_pages) + " pages");
+    }
+    if (q_len > 0) longest = std::max(longest, ctx);
+  }
+  return longest;
+}
+
+void paged_attention_entry(std::uintptr_t query, int query_dtype, Int3 query_shape,
+                           Int2 query_strides, std::uintptr_t key_cache,
+                           std::uintptr_t value_cache, int cache_dtype, Int3 key_strides,
+                           Int3 value_strides, Int3 cache_shape, std::uintptr_t query_start,
+                           std::uintptr_t context_lens, std::uintptr_t block_tables,
+                           int64_t num_seqs, int64_t table_width, double scale,
+                           int64_t sliding_window, std::uintptr_t out) {
+  const auto [num_tokens, num_heads, head_dim] = query_shape;
+  const auto [num_pages, page_size, kv_heads] = cache_shape;
+  require(num_tokens >= 0 && num_seqs >= 0 && head_dim > 0 && page_size > 0 && kv_heads > 0 &&
+              num_heads > 0 && num_heads % kv_heads == 0 && sliding_window >= 0,
+          "paged_attention: need N >= 0, D > 0, page_size > 0, H a multiple of KVH, window >= 0");
+  for (int code : {query_dtype, cache_dtype})
+    require(code == 0 || code == 1, "paged_attention: dtypes must be 0 (float32) or 1 (bfloat16)");
+  const int64_t longest = check_paged_metadata(
+      address_as<const int64_t>(query_start), address_as<const int64_t>(context_lens),
+      address_as<const int64_t>(block_tables), num_seqs, table_width, num_tokens, page_size,
+      num_pages);
+  lmarith::PagedAttentionArgs args{
+      address_as<const void>(query), static_cast<lmarith::AttnDtype>(query_dtype), num_tokens,
+      num_heads, head_dim, query_strides[0], query_strides[1],
+      {address_as<const void>(key_cache), key_strides[0], key_strides[1], key_strides[2]},
+      {address_as<const void>(value_cache), value_strides[0], value_strides[1], value_strides[2]},
+      static_cast<lmarith::AttnDtype>(cache_dtype), page_size, kv_heads,
+      address_as<const int64_t>(query_start), address_as<const int64_t>(context_lens),
+      address_as<const int64_t>(block_tables), num_seqs, table_width, longest,
+      static_cast<float>(scale), sliding_window, address_as<void>(out)};
+  lmarith::paged_attention(args);
+}
+
+// quant_matmul: x f32/bf16 [M,K], weight u8 [N,row_bytes] in a GGML block format (qtype
+// 0..4: q8_0, q4_0, q4_1, q4_k, q6_k), isa 0 auto / 1 scalar / 2 avx2 / 3 vnni -> out f32 [M,N].
+void quant_matmul_entry(std::uintptr_t x, int x_dtype, int64_t m, int64_t k, std::uintptr_t weight,
+                        int qtype, int64_t n, int64_t row_bytes, int isa, std::uintptr_t out) {
+  static constexpr int64_t kBlock[] = {32, 32, 32, 256, 256}, kBytes[] = {34, 18, 20, 144, 210};
+  require(qtype >= 0 && qtype <= 4, "quant_matmul: qtype must be 0..4 (q8_0 q4_0 q4_1 q4_k q6_k)");
+  require(x_dtype == 0 || x_dtype == 1, "quant_matmul: x_dtype must be 0 (float32) or 1 (bfloat16)");
+  require(m >= 0 && n >= 0 && k > 0 && k % kBlock[qtype] == 0,
+          "quant_matmul: need M >= 0, N >= 0, K > 0 divisible by the format's block");
+  require(row_bytes == k / kBlock[qtype] * kBytes[qtype], "quant_matmul: row_bytes does not match K");
+  require(isa >= 0 && isa <= 3, "quant_matmul: isa must be 0 (auto), 1 (scalar), 2 (avx2), 3 (vnni)");
+  require(lmarith::quant_isa_supported(static_cast<lmarith::QuantIsa>(isa)),
+          "quant_matmul: this CPU cannot run the requested instruction path");
+  lmarith::quant_matmul(address_as<const void>(x), static_cast<lmarith::LogitsDtype>(x_dtype), m, k,
+                        address_as<const uint8_t>(weight), static_cast<lmarith::QuantType>(qtype),
+                        n, row_bytes, static_cast<lmarith::QuantIsa>(isa), address_as<float>(out));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -103,6 +184,25 @@ PYBIND11_MODULE(_C, m) {
         "Verify speculative proposals: target f32 [B,K+1,V], draft f32 [B,K,V], draft_tokens "
         "i64 [B,K], num_drafts i32 [B], seed/step i64 [B], greedy u8 [B] -> num_accepted i32 "
         "[B], next_token i64 [B].");
+  m.def("paged_attention", &paged_attention_entry, py::call_guard<py::gil_scoped_release>(),
+        py::arg("query"), py::arg("query_dtype"), py::arg("query_shape"),
+        py::arg("query_strides"), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("cache_dtype"), py::arg("key_strides"), py::arg("value_strides"),
+        py::arg("cache_shape"), py::arg("query_start"), py::arg("context_lens"),
+        py::arg("block_tables"), py::arg("num_seqs"), py::arg("table_width"), py::arg("scale"),
+        py::arg("sliding_window"), py::arg("out"),
+        "Paged causal attention: query f32/bf16 [N,H,D] (row, head strides), K/V caches "
+        "f32/bf16 (page, slot, head strides; shape (pages, page_size, KVH)), i64 query_start "
+        "[S+1], context_lens [S], block_tables [S,W]; sliding_window 0: none -> out [N,H,D] "
+        "contiguous in the query dtype.");
+  m.def("quant_matmul", &quant_matmul_entry, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("k"), py::arg("weight"),
+        py::arg("qtype"), py::arg("n"), py::arg("row_bytes"), py::arg("isa"), py::arg("out"),
+        "out f32 [M,N] = x (f32/bf16 [M,K]) @ W.T, W u8 [N,row_bytes] GGML blocks (qtype 0..4: "
+        "q8_0 q4_0 q4_1 q4_k q6_k); isa 0 auto, 1 scalar, 2 avx2, 3 avx512-vnni.");
+  m.def("quant_isa_supported", [](int isa) {
+          return lmarith::quant_isa_supported(static_cast<lmarith::QuantIsa>(isa)); },
+        py::arg("isa"), "Whether this CPU runs quant_matmul path isa (1 scalar, 2 avx2, 3 vnni).");
   m.def("built_with_openmp", &lmarith::built_with_openmp,
         "True when rows run in parallel through OpenMP.");
 }

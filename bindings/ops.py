@@ -15,21 +15,28 @@ combine(logits [T,B,V], weights [B,R,T], consts [B,R], group_coefs [B,G], group_
 sample(log_probs [B,V], temperature, top_k, top_p, min_p, seed, step [B]) -> tokens [B] int64
 store_kv(key, value [N,KVH,D], key_cache, value_cache [P,page,KVH,D], slot_pages, slot_offsets [N])
 paged_attention(query [N,H,D], key_cache, value_cache, meta, scale, sliding_window) -> [N,H,D]
+    (C++ face: csrc/paged_attention.cpp, K/V pages read in place through the block table)
 spec_accept(target [B,K+1,V], draft [B,K,V], draft_tokens [B,K], num_drafts, seed, step, greedy [B])
     -> (num_accepted [B] int32, next_token [B] int64)      semantics: kernels/reference_speculative.py
+quant_matmul(x [M,K] f32/bf16, weight: QuantWeight [N,K] in GGML blocks) -> [M,N] f32
+    (x @ W.T; the C++ face quantises x per 32-block to int8)   semantics: kernels/reference_quant.py
+dequantize(weight) -> [N,K] f32, quantize_q8_0(w [N,K]) -> QuantWeight     (torch face only)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from lmarith.bindings import checks, cpp
-from lmarith.kernels import reference, reference_attention, reference_speculative
+from lmarith.bindings import checks, cpp, cpp_quant
+from lmarith.kernels import reference, reference_attention, reference_quant, reference_speculative
+from lmarith.kernels.quant_formats import QuantWeight
 
-__all__ = ["combine", "sample", "store_kv", "paged_attention", "spec_accept", "filtered_log_probs", "run", "faces", "face_for",
+__all__ = ["combine", "sample", "store_kv", "paged_attention", "spec_accept", "filtered_log_probs", "quant_matmul", "prepared_quant_matmul",
+           "dequantize", "quantize_q8_0", "run", "faces", "face_for",
            "combine_cpp", "sample_cpp", "cpp_available"]
 
 
@@ -53,14 +60,19 @@ _FACES: dict[str, dict[str, Callable]] = {
     "sample": {"torch": reference.sample, "triton": _triton("sample", "sample"), "cpp": cpp.sample},
     "store_kv": {"torch": reference_attention.store_kv, "triton": _triton("store_kv", "store_kv")},
     "paged_attention": {"torch": reference_attention.paged_attention,
-                        "triton": _triton("paged_attention", "paged_attention")},
+                        "triton": _triton("paged_attention", "paged_attention"),
+                        "cpp": cpp.paged_attention},
     "spec_accept": {"torch": reference_speculative.spec_accept,
                     "triton": _triton("spec_accept", "spec_accept"),
                     "cpp": lambda *args: cpp.spec_accept(*args)},
+    "quant_matmul": {"torch": reference_quant.quant_matmul,
+                     "triton": _triton("quant_matmul", "quant_matmul"),
+                     "cpp": cpp_quant.quant_matmul},
 }
 _CHECKS = {"combine": checks.validate_combine, "sample": checks.validate_sample,
            "store_kv": checks.validate_store_kv, "paged_attention": checks.validate_paged_attention,
-           "spec_accept": checks.validate_spec_accept}
+           "spec_accept": checks.validate_spec_accept,
+           "quant_matmul": checks.validate_quant_matmul}
 
 
 def cpp_available() -> bool:
@@ -95,6 +107,20 @@ def run(op: str, face: str, *args, **kwargs):
 @functools.lru_cache(maxsize=None)
 def _face_by_type(op: str, device_type: str, with_cpp: bool) -> Callable:
     return _FACES[op][face_for(op, torch.device(device_type))]
+
+
+@contextlib.contextmanager
+def forced_face(op: str, face: str) -> Iterator[None]:
+    """Within the block the dispatch runs `face` for `op` wherever it would run another (a
+    benchmark comparing faces inside one engine run); the faces are restored after."""
+    saved = dict(_FACES[op])
+    _FACES[op].update(dict.fromkeys(saved, saved[face]))
+    _face_by_type.cache_clear()
+    try:
+        yield
+    finally:
+        _FACES[op].update(saved)
+        _face_by_type.cache_clear()
 
 
 def _dispatch(op: str, device: torch.device) -> Callable:
@@ -152,6 +178,43 @@ def filtered_log_probs(log_probs: torch.Tensor, temperature: torch.Tensor, top_k
     zeros = torch.zeros_like(temperature, dtype=torch.int64)
     checks.validate_sample(log_probs, temperature, top_k, top_p, min_p, zeros, zeros)
     return reference.filtered_log_probs(log_probs, temperature, top_k, top_p, min_p)
+
+
+def quant_matmul(x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
+    """y [M, N] float32 = x [M, K] @ W.T for a GGML-quantized weight, never dequantised to a
+    float matrix on CPU (int8 dot products) nor written back dequantised on CUDA."""
+    device = checks.validate_quant_matmul(x, weight)
+    return _dispatch("quant_matmul", device)(x, weight)
+
+
+def prepared_quant_matmul(weight: QuantWeight) -> Callable[[torch.Tensor], torch.Tensor]:
+    """quant_matmul bound to one weight, checked here once (a model layer's fixed weight):
+    the returned call(x [M, K]) checks only that x has K columns, then runs the face."""
+    checks.validate_quant_matmul(torch.empty(0, weight.in_features, device=weight.data.device), weight)
+    face = _dispatch("quant_matmul", weight.data.device)
+    call = cpp_quant.prepared(weight) if face is cpp_quant.quant_matmul else (lambda x: face(x, weight))
+
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != weight.in_features:
+            raise ValueError(f"x must be [M, {weight.in_features}], got {list(x.shape)}")
+        return call(x)
+    return checked
+
+
+def dequantize(weight: QuantWeight) -> torch.Tensor:
+    """The float32 matrix [N, K] a QuantWeight stands for (torch face, on its device)."""
+    if not isinstance(weight, QuantWeight):
+        raise ValueError(f"weight must be a QuantWeight, got {type(weight).__name__}")
+    return reference_quant.dequantize(weight)
+
+
+def quantize_q8_0(w: torch.Tensor) -> QuantWeight:
+    """ggml's q8_0 of a float matrix [N, K], K % 32 == 0 (torch face, on w's device)."""
+    checks._check_tensors({"w": w})
+    if w.dim() != 2 or w.shape[1] % 32:
+        raise ValueError(f"w must be [N, K] with K divisible by 32, got {list(w.shape)}")
+    checks._check_dtype("w", w, checks._FLOAT_DTYPES, "a floating-point")
+    return reference_quant.quantize_q8_0(w)
 
 
 def combine_cpp(*args) -> tuple[torch.Tensor, torch.Tensor]:

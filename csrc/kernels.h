@@ -1,5 +1,5 @@
 // lmarith native CPU kernels: raw-pointer faces of kernels/reference.py (combine, sample) and
-// kernels/reference_speculative.py (spec_accept).
+// kernels/reference_speculative.py (spec_accept), kernels/reference_attention.py (paged_attention).
 // No torch headers: callers pass contiguous buffers; the pybind11 module wraps these.
 #pragma once
 
@@ -65,6 +65,56 @@ void spec_accept(const SpecAcceptInputs& inputs, int64_t batch, int64_t max_draf
 
 // True when the library was built with OpenMP (rows run in parallel).
 bool built_with_openmp();
+
+// Element type of paged-attention queries, outputs and caches.
+enum class AttnDtype : int { kFloat32 = 0, kBFloat16 = 1 };
+
+// One layer's key or value cache [num_pages, page_size, kv_heads, head_dim], possibly a
+// strided view of a larger arena: element strides per page, slot and head; head_dim is
+// contiguous.
+struct PagedCacheView {
+  const void* data;
+  int64_t page_stride, slot_stride, head_stride;
+};
+
+// Inputs of paged_attention (kernels/reference_attention.py): query [N, H, D] (element
+// strides per row and head, D contiguous), the caches, the step's metadata (int64:
+// query_start [S+1], context_lens [S], block_tables [S, table_width]) and out [N, H, D]
+// contiguous in the query's dtype. sliding_window 0: none.
+struct PagedAttentionArgs {
+  const void* query;
+  AttnDtype query_dtype;
+  int64_t num_tokens, num_heads, head_dim, query_row_stride, query_head_stride;
+  PagedCacheView key, value;
+  AttnDtype cache_dtype;
+  int64_t page_size, kv_heads;
+  const int64_t* query_start;
+  const int64_t* context_lens;
+  const int64_t* block_tables;
+  int64_t num_seqs, table_width, max_context_len;
+  float scale;
+  int64_t sliding_window;
+  void* out;
+};
+
+// Causal (optionally sliding-window) attention of each query row over its sequence's paged
+// K/V, read in place through the block table with one online-softmax pass.
+void paged_attention(const PagedAttentionArgs& args);
+
+// GGML block formats of quant_matmul's weights (kernels/quant_formats.py, same order as
+// bindings/cpp.py's codes) and the instruction paths its kernels have.
+enum class QuantType : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kQ4_K = 3, kQ6_K = 4 };
+enum class QuantIsa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kVnni = 3 };
+
+// out [M, N] f32 = x [M, K] (f32 or bf16, row-major) @ W.T for W [N, K] in GGML blocks
+// (weight [N, row_bytes] uint8): activations quantised per 32-block to int8, int8 dot
+// products on the chosen path (kAuto: the best this CPU runs), OpenMP over rows of W.
+void quant_matmul(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k,
+                  const uint8_t* weight, QuantType qtype, int64_t n, int64_t row_bytes,
+                  QuantIsa isa, float* out);
+
+// Whether this CPU (and build) can run a quant_matmul path (kAuto, kScalar: always).
+bool quant_isa_supported(QuantIsa isa);
 
 namespace detail {
 

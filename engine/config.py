@@ -9,12 +9,15 @@ from typing import Optional
 
 from .errors import ConfigError, ModelLoadError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto", "q8_0")
+QUANTIZED = ("auto", "q8_0")   # quantized linear layers; activations and KV cache in float32
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One set of weights: a Hugging Face directory or a .gguf file, run in one dtype."""
+    """One set of weights: a Hugging Face directory or a .gguf file, run in one dtype.
+    "auto": a GGUF file keeps its quantization (a float checkpoint loads as float32);
+    "q8_0": projections quantised to q8_0 at load."""
 
     path: str
     dtype: str = "float32"
@@ -29,9 +32,14 @@ class ModelSpec:
 
     @property
     def torch_dtype(self):
-        """The torch dtype the weights and KV cache use."""
+        """The torch dtype the (float) weights, activations and KV cache use."""
         import torch
-        return getattr(torch, self.dtype)
+        return torch.float32 if self.dtype in QUANTIZED else getattr(torch, self.dtype)
+
+    @property
+    def quantization(self) -> Optional[str]:
+        """"auto" or "q8_0" for quantized linear layers, else None."""
+        return self.dtype if self.dtype in QUANTIZED else None
 
     def __str__(self) -> str:
         return f"{self.path} ({self.dtype})"

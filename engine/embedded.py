@@ -87,5 +87,10 @@ def embedded_model_dir(dtype: str = "float32") -> Path:
 
 
 def embedded_model(dtype: str = "float32") -> Model:
-    """A Model spec for the embedded SmolLM2-135M-Instruct (converting it on first use)."""
-    return Model(str(embedded_model_dir(dtype)), dtype=dtype)
+    """A Model spec for the embedded SmolLM2-135M-Instruct: float32/bfloat16 from a converted
+    safetensors copy (made on first use); "auto" is the shipped GGUF file itself, keeping
+    its Q4_1 (and Q8_0) blocks; "q8_0" the float copy quantised to q8_0 at load."""
+    if dtype == "auto":
+        return Model(str(find_embedded_gguf()), dtype="auto")
+    source = "float32" if dtype == "q8_0" else dtype
+    return Model(str(embedded_model_dir(source)), dtype=dtype)

@@ -32,7 +32,7 @@ class ModelRunner:
     def __init__(self, spec: ModelSpec, device: str = "cpu") -> None:
         self.spec = spec
         self.device = device
-        self.model = load_model(spec.path, spec.torch_dtype, device)
+        self.model = load_model(spec.path, spec.torch_dtype, device, spec.quantization)
         self.num_packed_linears = pack_linears(self.model) if device == "cpu" else 0
         self.config = self.model.config
         self.tokenizer = load_tokenizer(spec.path)

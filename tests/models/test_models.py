@@ -45,13 +45,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, **overrides):
     """A tiny transformers model with weights drawn large enough to give logits of a few units."""
     config_name, extra = FAMILIES[family]
     common = {"vocab_size": 160, "hidden_size": 64, "intermediate_size": 96,
               "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
               "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    config = getattr(transformers, config_name)(**{**common, **extra})
+    config = getattr(transformers, config_name)(**{**common, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -202,8 +202,9 @@ def gguf_tensors(hf, arch: str):
         yield f"{inverse[key].format(layer)}.{leaf}", tensor.contiguous().numpy()
 
 
-def write_gguf(hf, arch: str, path) -> None:
-    """A float32 GGUF file of a transformers model (rope scaling as llama.cpp's rope_freqs)."""
+def write_gguf(hf, arch: str, path, quantize=None) -> None:
+    """A float32 GGUF file of a transformers model (rope scaling as llama.cpp's rope_freqs);
+    quantize(name, array) -> (array, GGML type or None) stores chosen tensors quantized."""
     import gguf
     config = hf.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -229,7 +230,8 @@ def write_gguf(hf, arch: str, path) -> None:
         if not torch.allclose(plain, inv_freq):
             writer.add_tensor("rope_freqs.weight", (plain / inv_freq).numpy())
     for name, array in gguf_tensors(hf, arch):
-        writer.add_tensor(name, array)
+        array, raw_dtype = quantize(name, array) if quantize else (array, None)
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

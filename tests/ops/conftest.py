@@ -24,6 +24,7 @@ import torch
 
 from lmarith.bindings import ops
 from lmarith.kernels.attention_metadata import AttentionMetadata
+from lmarith.kernels.quant_formats import QuantWeight
 
 HERE = Path(__file__).parent
 CPU = torch.device("cpu")
@@ -43,11 +44,14 @@ def is_interpreted(face: str) -> bool:
 
 
 def to_device(value, device: torch.device):
-    """Tensors, tuples/lists of them and AttentionMetadata moved to device (others as is)."""
+    """Tensors, tuples/lists of them, QuantWeight and AttentionMetadata moved to device (others
+    as is)."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(item, device) for item in value)
+    if isinstance(value, QuantWeight):
+        return dataclasses.replace(value, data=value.data.to(device))
     if isinstance(value, AttentionMetadata):
         fields = {f.name: to_device(getattr(value, f.name), device)
                   for f in dataclasses.fields(value) if f.name != "scratch"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmarith.bindings import ops
-from lmarith.kernels.attention_metadata import build_metadata
+from lmarith.kernels.attention_metadata import AttentionMetadata, build_metadata
 
 OP = "paged_attention"
 # Absolute tolerance against the float64 reference: float32 caches, bfloat16 caches.
@@ -48,10 +48,15 @@ def dense_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     return out
 
 
+def store_face(face: str) -> str:
+    """The store_kv face paired with an attention face (the C++ one has none: torch's)."""
+    return face if face in ops.faces("store_kv") else "torch"
+
+
 def stored(face: str, batch, device: torch.device):
     """The batch on the face's device with its new tokens stored by that face's store_kv."""
     moved = batch.on(device)
-    ops.run("store_kv", face, moved.new_keys, moved.new_values, moved.key_cache,
+    ops.run("store_kv", store_face(face), moved.new_keys, moved.new_values, moved.key_cache,
             moved.value_cache, moved.meta.slot_pages, moved.meta.slot_offsets)
     return moved
 
@@ -159,7 +164,7 @@ def test_paged_attention_mixed_batch(face, device, window) -> None:
     values = [torch.randn(c, kv_heads, dim, generator=gen) for c in ctx]
     queries = [torch.randn(q, heads, dim, generator=gen) for q in q_lens]
     full = build_metadata(ctx, ctx, tables, page_size, device=device)
-    ops.run("store_kv", face, torch.cat(keys).to(device), torch.cat(values).to(device),
+    ops.run("store_kv", store_face(face), torch.cat(keys).to(device), torch.cat(values).to(device),
             key_cache, value_cache, full.slot_pages, full.slot_offsets)
     for step_queries, step_lens in ((queries, q_lens), ([q[-1:] for q in queries], [1] * 5)):
         meta = build_metadata(step_lens, ctx, tables, page_size, device=device)
@@ -171,9 +176,10 @@ def test_paged_attention_mixed_batch(face, device, window) -> None:
 
 
 def test_dispatch_picks_the_face_for_the_device() -> None:
-    """No C++ face: CPU -> torch, CUDA -> triton."""
-    assert ops.faces(OP) == ["torch", "triton"]
-    assert ops.face_for(OP, torch.device("cpu")) == "torch"
+    """CPU -> cpp when the extension built (else torch), CUDA -> triton."""
+    with_cpp = ops.cpp_available()
+    assert ops.faces(OP) == ["torch", "triton"] + (["cpp"] if with_cpp else [])
+    assert ops.face_for(OP, torch.device("cpu")) == ("cpp" if with_cpp else "torch")
     assert ops.face_for(OP, torch.device("cuda")) == "triton"
 
 
@@ -186,3 +192,89 @@ def test_paged_attention_rejects_a_bad_window(face, paged_batch, window) -> None
         ops.run(OP, face, *args, sliding_window=window)
     with pytest.raises(ValueError, match="sliding_window"):
         ops.paged_attention(*args, sliding_window=window)
+
+
+# Odd shapes: (head_dim, page_size, group, query_lens, context_lens, window). Contexts are
+# rarely page multiples; 1100 and 1500 tokens at batch 1-2 make the C++ face split the context
+# (flash-decoding merge); 17 rows is a speculative verification; 80 rows spans several of the
+# C++ face's row blocks.
+ODD_SHAPES = {
+    "d8-page1-mha": (8, 1, 1, [1, 3], [1, 7], None),
+    "d64-page4-gqa2": (64, 4, 2, [1, 5, 17], [5, 30, 17], None),
+    "d80-page16-gqa4-window": (80, 16, 4, [2, 1, 17], [33, 300, 40], 7),
+    "d64-page16-split-decode": (64, 16, 3, [1], [1100], None),
+    "d64-page4-split-window": (64, 4, 2, [1, 3], [1500, 700], 300),
+    "d256-page16-verify": (256, 16, 2, [17, 1], [60, 19], None),
+    "d64-page16-long-chunk": (64, 16, 2, [80, 1], [200, 90], 50),
+}
+
+
+def odd_batch(head_dim: int, page_size: int, group: int, q_lens: list[int], ctx: list[int],
+              dtype: torch.dtype, seed: int = 0):
+    """(query, key_cache, value_cache, meta): caches are strided views of a NaN arena (K and
+    V interleaved per page, a NaN gap between pages, scrambled page ids, one spare page per
+    sequence), every slot a sequence does not own NaN, including the tail of its last page;
+    the query is a strided slice of a wider tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads = 2
+    pages = [-(-c // page_size) + 1 for c in ctx]
+    page_elems = page_size * kv_heads * head_dim
+    arena = torch.full((sum(pages), 2 * page_elems + 8), float("nan")).to(dtype)
+    shape = (sum(pages), page_size, kv_heads, head_dim)
+    strides = (arena.stride(0), kv_heads * head_dim, head_dim, 1)
+    key_cache = arena.as_strided(shape, strides, 0)
+    value_cache = arena.as_strided(shape, strides, page_elems)
+    order = torch.randperm(sum(pages), generator=gen).tolist()
+    tables = [[order.pop() for _ in range(count)] for count in pages]
+    meta = build_metadata(ctx, ctx, tables, page_size)
+    for cache in (key_cache, value_cache):
+        values = torch.randn(sum(ctx), kv_heads, head_dim, generator=gen).to(dtype)
+        cache[meta.slot_pages, meta.slot_offsets] = values
+    wide = torch.randn(sum(q_lens), kv_heads * group + 1, head_dim, generator=gen).to(dtype)
+    return wide[:, 1:], key_cache, value_cache, build_metadata(q_lens, ctx, tables, page_size)
+
+
+@pytest.mark.faces("torch", "cpp")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ODD_SHAPES.values(), ids=ODD_SHAPES.keys())
+def test_paged_attention_odd_shapes(face, shape, dtype) -> None:
+    """Against the float64 dense reference (tolerance(dtype)); NaN in stale slots must not leak."""
+    head_dim, page_size, group, q_lens, ctx, window = shape
+    query, key_cache, value_cache, meta = odd_batch(head_dim, page_size, group, q_lens, ctx, dtype)
+    out = ops.run(OP, face, query, key_cache, value_cache, meta, head_dim ** -0.5,
+                  sliding_window=window)
+    expected = dense_attention(query, key_cache, value_cache, meta, head_dim ** -0.5, window)
+    assert out.dtype == dtype and out.shape == query.shape
+    torch.testing.assert_close(out.double(), expected, atol=tolerance(dtype), rtol=0)
+
+
+@pytest.mark.faces("cpp")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_face_hands_long_chunks_to_torch_when_asked(face, monkeypatch, dtype) -> None:
+    """With a row threshold set (cpp.ATTENTION_MAX_QUERY_ROWS), a step with an 80-row chunk
+    runs the torch reference (and stays correct); a decode step still runs the kernel."""
+    from lmarith.bindings import cpp
+    from lmarith.kernels import reference_attention
+    calls = []
+    torch_face = reference_attention.paged_attention
+    monkeypatch.setattr(cpp, "ATTENTION_MAX_QUERY_ROWS", 64)
+    monkeypatch.setattr(reference_attention, "paged_attention",
+                        lambda *args: calls.append(1) or torch_face(*args))
+    for q_lens, expected_calls in (([80, 1], 1), ([1, 1], 1)):
+        query, key_cache, value_cache, meta = odd_batch(64, 16, 4, q_lens, [130, 70], dtype, seed=5)
+        out = ops.run(OP, face, query, key_cache, value_cache, meta, 0.125, sliding_window=40)
+        expected = dense_attention(query, key_cache, value_cache, meta, 0.125, 40)
+        torch.testing.assert_close(out.double(), expected, atol=tolerance(dtype), rtol=0)
+        assert len(calls) == expected_calls
+
+
+def test_paged_attention_empty_batch(face, device) -> None:
+    """No sequences at all (N = 0, S = 0): an empty [0, H, D] output in the query's dtype."""
+    query, key_cache, value_cache, _ = odd_batch(8, 4, 2, [1], [3], torch.float32)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    meta = AttentionMetadata(query_start=torch.zeros(1, dtype=torch.int64, device=device),
+                             context_lens=empty, block_tables=empty.view(0, 1), slot_pages=empty,
+                             slot_offsets=empty, page_size=4, max_query_len=0, max_context_len=0)
+    out = ops.run(OP, face, query[:0].to(device), key_cache.to(device), value_cache.to(device),
+                  meta, 1.0)
+    assert out.shape == (0, 4, 8) and out.dtype == torch.float32

@@ -103,6 +103,15 @@ class GGUFFile:
             return torch.from_numpy(raw.view(PLAIN[info.qtype]).astype(np.float32))
         return torch.from_numpy(np.ascontiguousarray(dequantize(raw, info.qtype), dtype=np.float32))
 
+    def raw(self, name: str) -> torch.Tensor:
+        """One tensor's stored bytes as uint8 [rows, row_bytes] (a copy), quantized or not."""
+        info = self.tensors[name]
+        block, block_bytes = GGML_QUANT_SIZES[info.qtype]
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+        row_bytes = info.shape[-1] // block * block_bytes
+        start = self.data_start + info.offset
+        return torch.from_numpy(np.array(self.data[start:start + rows * row_bytes]).reshape(rows, row_bytes))
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(GGUF name, float32 tensor) for every tensor, read lazily."""
         for name in self.tensors:

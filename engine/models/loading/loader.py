@@ -11,6 +11,7 @@ from torch import nn
 
 from lmarith.errors import LmarithError, ModelLoadError
 from lmarith.models.config import ModelConfig, eos_ids
+from lmarith.models.loading.gguf_names import GPT2_NAMES, LLAMA_NAMES, hf_name, unpermute_rows
 from lmarith.models.loading.progress import progress
 from lmarith.models.registry import MODEL_TYPES, lookup, model_class, parse_config
 
@@ -19,29 +20,6 @@ if TYPE_CHECKING:
 
 Weights = Iterator[tuple[str, torch.Tensor]]
 
-# GGUF tensor name -> Hugging Face name; "{}" is the layer index.
-LLAMA_NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "blk.{}.attn_norm": "model.layers.{}.input_layernorm",
-    "blk.{}.ffn_norm": "model.layers.{}.post_attention_layernorm",
-    "blk.{}.attn_q": "model.layers.{}.self_attn.q_proj",
-    "blk.{}.attn_k": "model.layers.{}.self_attn.k_proj",
-    "blk.{}.attn_v": "model.layers.{}.self_attn.v_proj",
-    "blk.{}.attn_output": "model.layers.{}.self_attn.o_proj",
-    "blk.{}.attn_q_norm": "model.layers.{}.self_attn.q_norm",
-    "blk.{}.attn_k_norm": "model.layers.{}.self_attn.k_norm",
-    "blk.{}.ffn_gate": "model.layers.{}.mlp.gate_proj",
-    "blk.{}.ffn_up": "model.layers.{}.mlp.up_proj",
-    "blk.{}.ffn_down": "model.layers.{}.mlp.down_proj",
-}
-GPT2_NAMES = {
-    "token_embd": "transformer.wte", "position_embd": "transformer.wpe",
-    "output_norm": "transformer.ln_f", "output": "lm_head",
-    "blk.{}.attn_norm": "transformer.h.{}.ln_1", "blk.{}.attn_qkv": "transformer.h.{}.attn.c_attn",
-    "blk.{}.attn_output": "transformer.h.{}.attn.c_proj",
-    "blk.{}.ffn_norm": "transformer.h.{}.ln_2",
-    "blk.{}.ffn_up": "transformer.h.{}.mlp.c_fc", "blk.{}.ffn_down": "transformer.h.{}.mlp.c_proj",
-}
 ROPE_FACTORS = "rope_freqs.weight"
 # A loading bar only for models with at least this many tensors (SmolLM2-135M has 273, the
 # tiny test models ~20), and only once loading has lasted LOADING_BAR_DELAY seconds.
@@ -49,23 +27,25 @@ LOADING_BAR_MIN_TENSORS = 100
 LOADING_BAR_DELAY = 1.0
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               quantization: str | None = None) -> nn.Module:
     """Our implementation of the model at path (HF directory or .gguf file), ready for inference.
 
-    Any failure is a ModelLoadError naming the path (UnsupportedModelError for an unknown
-    architecture)."""
+    quantization "auto": a GGUF file's quantized projections keep their blocks; "q8_0": every
+    projection is quantised to q8_0 at load (any checkpoint). Any failure is a ModelLoadError
+    naming the path (UnsupportedModelError for an unknown architecture)."""
     if not Path(path).exists():
         raise ModelLoadError(f"model path {path} does not exist; give a Hugging Face directory "
                              "(config.json + *.safetensors) or a .gguf file")
     try:
-        return _load(str(path), dtype, device)
+        return _load(str(path), dtype, device, quantization)
     except LmarithError:
         raise
     except Exception as error:  # a corrupt file can fail in any library: name the file
         raise ModelLoadError(f"cannot load model {path}: {type(error).__name__}: {error}") from error
 
 
-def _load(path: str, dtype: torch.dtype, device: str) -> nn.Module:
+def _load(path: str, dtype: torch.dtype, device: str, quantization: str | None) -> nn.Module:
     if path.endswith(".gguf"):
         from lmarith.models.loading.gguf_file import GGUFFile  # needs the gguf package
         file = GGUFFile(str(path))
@@ -74,12 +54,18 @@ def _load(path: str, dtype: torch.dtype, device: str) -> nn.Module:
         model.load_weights(_with_bar(gguf_weights(file, config), len(file.tensors), path))
         if ROPE_FACTORS in file.tensors:
             model.rotary.inv_freq = model.rotary.inv_freq / file.read(ROPE_FACTORS).to(device)
+        if quantization == "auto":
+            from lmarith.models.loading.gguf_quant import keep_file_quantization
+            keep_file_quantization(model, file, config)
     else:
         config = parse_config(read_hf_config(Path(path)), dtype)
         model = build_model(config, device)
         weights = safetensors_weights(Path(path))
         model.load_weights(_with_bar(weights, safetensors_count(Path(path)), path))
-    return model.requires_grad_(False).eval()
+    if quantization == "q8_0":
+        from lmarith.models.quantization import quantize_linears_q8_0
+        quantize_linears_q8_0(model)
+    return model.to(device).requires_grad_(False).eval()
 
 
 def _with_bar(weights: Weights, total: int, path: str) -> Weights:
@@ -184,24 +170,6 @@ def gguf_raw_config(file: "GGUFFile") -> dict[str, Any]:
             "rope_scaling": None if scaling == "none" else
             {"rope_type": scaling, "factor": get("rope.scaling.factor", 1.0)},
             "attention_bias": "blk.0.attn_output.bias" in tensors}
-
-
-def hf_name(name: str, table: dict[str, str]) -> str:
-    """Hugging Face name of a GGUF tensor name such as blk.3.attn_q.weight."""
-    stem, _, leaf = name.rpartition(".")
-    parts = stem.split(".")
-    layer = parts[1] if parts[0] == "blk" and len(parts) > 2 else None
-    key = f"blk.{{}}.{'.'.join(parts[2:])}" if layer is not None else stem
-    if key not in table:
-        raise ValueError(f"GGUF tensor {name!r} is not understood")
-    return f"{table[key].format(layer)}.{leaf}"
-
-
-def unpermute_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row order (rotary pairs interleaved) into HF's rotate-half order."""
-    shape = tensor.shape
-    paired = tensor.reshape(heads, shape[0] // heads // 2, 2, *shape[1:])
-    return paired.transpose(1, 2).reshape(shape)
 
 
 def gguf_weights(file: "GGUFFile", config: ModelConfig) -> Weights:

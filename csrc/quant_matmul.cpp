@@ -1,0 +1,228 @@
+// quant_matmul: y [M, N] = x [M, K] @ W.T with W [N, K] kept in GGML's quantized blocks
+// (kernels/quant_formats.py; torch specification kernels/reference_quant.py).
+//
+// The activations are quantised once per call, per 32-block of a row, to int8 with an fp32
+// scale d = max|x| / 127 (q = round_half_even(x * (1 / d)), as reference_quant.
+// quantize_activations does) and the block's integer sum. Each block of a weight row then
+// contributes d_w * d_x * (integer dot) plus the format's offset term (q4_0: -8 * d_w * d_x *
+// sum; q4_1 and q4_k's mins: m * d_x * sum), so only the scales are floating point.
+// OpenMP splits the rows of W: a thread streams its rows once and computes every activation
+// row against each while it is in L1 (for M = 1 decode the weights are the whole traffic).
+// This file holds the driver and the portable scalar kernels (also the only kernels of
+// q4_k / q6_k for now); csrc/quant_matmul_x86.cpp the AVX2 and AVX512-VNNI ones.
+#include "quant_matmul.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace lmarith {
+namespace quant {
+namespace {
+
+float dot_q8_0(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
+  float total = 0.0f;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* block = row + b * 34;
+    const int8_t* w = reinterpret_cast<const int8_t*>(block + 2);
+    const int8_t* x = act.q + b * kActBlock;
+    int32_t dot = 0;
+    for (int j = 0; j < 32; ++j) dot += w[j] * x[j];
+    total += half_to_float(load_u16(block)) * act.d[b] * static_cast<float>(dot);
+  }
+  return total;
+}
+
+// The integer dot of one 32-block's 16 nibble bytes (weight j low, j + 16 high) with x.
+inline int32_t dot_nibbles(const uint8_t* qs, const int8_t* x) {
+  int32_t dot = 0;
+  for (int j = 0; j < 16; ++j) dot += (qs[j] & 0x0F) * x[j] + (qs[j] >> 4) * x[j + 16];
+  return dot;
+}
+
+float dot_q4_0(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
+  float total = 0.0f;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* block = row + b * 18;
+    const int32_t dot = dot_nibbles(block + 2, act.q + b * kActBlock) - 8 * act.sum[b];
+    total += half_to_float(load_u16(block)) * act.d[b] * static_cast<float>(dot);
+  }
+  return total;
+}
+
+float dot_q4_1(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
+  float total = 0.0f;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* block = row + b * 20;
+    const int32_t dot = dot_nibbles(block + 4, act.q + b * kActBlock);
+    total += half_to_float(load_u16(block)) * act.d[b] * static_cast<float>(dot) +
+             half_to_float(load_u16(block + 2)) * act.d[b] * static_cast<float>(act.sum[b]);
+  }
+  return total;
+}
+
+// ggml's get_scale_min_k4: q4_k's 12 packed bytes -> 8 six-bit scales and mins.
+void k4_scales(const uint8_t* packed, uint8_t* scales, uint8_t* mins) {
+  for (int j = 0; j < 4; ++j) {
+    scales[j] = packed[j] & 63;
+    mins[j] = packed[j + 4] & 63;
+  }
+  for (int j = 4; j < 8; ++j) {
+    scales[j] = (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4);
+    mins[j] = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+  }
+}
+
+// q4_k: 256-weight super-blocks of 8 sub-blocks (one activation block each); group g's 32
+// bytes hold sub-block 2g in the low nibbles and 2g + 1 in the high ones.
+float dot_q4_k(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
+  float total = 0.0f;
+  for (int64_t s = 0; s < num_blocks; ++s) {
+    const uint8_t* block = row + s * 144;
+    const float d = half_to_float(load_u16(block));
+    const float dmin = half_to_float(load_u16(block + 2));
+    uint8_t scales[8], mins[8];
+    k4_scales(block + 4, scales, mins);
+    for (int sub = 0; sub < 8; ++sub) {
+      const uint8_t* qs = block + 16 + (sub / 2) * 32;
+      const int shift = (sub & 1) * 4;
+      const int64_t b = s * 8 + sub;
+      const int8_t* x = act.q + b * kActBlock;
+      int32_t dot = 0;
+      for (int j = 0; j < 32; ++j) dot += ((qs[j] >> shift) & 0x0F) * x[j];
+      total += act.d[b] * (d * scales[sub] * static_cast<float>(dot) -
+                           dmin * mins[sub] * static_cast<float>(act.sum[b]));
+    }
+  }
+  return total;
+}
+
+// q6_k: 16 sub-blocks of 16 weights with int8 scales; w = d * scale * (q - 32), q six bits
+// from ql (low nibbles) and qh (2 bits), in ggml's dequantize_row_q6_K order.
+float dot_q6_k(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
+  float total = 0.0f;
+  for (int64_t s = 0; s < num_blocks; ++s) {
+    const uint8_t* block = row + s * 210;
+    const int8_t* scales = reinterpret_cast<const int8_t*>(block + 192);
+    const int8_t* x = act.q + s * 256;
+    int32_t sums[16] = {0};
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* ql = block + 64 * half;
+      const uint8_t* qh = block + 128 + 32 * half;
+      for (int part = 0; part < 4; ++part) {    // weights 128 * half + 32 * part + l
+        const int base = 128 * half + 32 * part;
+        const uint8_t* low = ql + (part & 1) * 32;
+        for (int l = 0; l < 32; ++l) {
+          const int q = (((low[l] >> ((part / 2) * 4)) & 0x0F) | (((qh[l] >> (2 * part)) & 3) << 4));
+          sums[(base + l) / 16] += (q - 32) * x[base + l];
+        }
+      }
+    }
+    float block_total = 0.0f;
+    for (int g = 0; g < 16; ++g)
+      block_total += scales[g] * act.d[s * 8 + g / 2] * static_cast<float>(sums[g]);
+    total += half_to_float(load_u16(block + 208)) * block_total;
+  }
+  return total;
+}
+
+// One row's activations -> int8 blocks, fp32 scales and integer block sums.
+void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
+  for (int64_t b = 0; b < k / kActBlock; ++b) {
+    const float* xb = x + b * kActBlock;
+    float amax = 0.0f;
+    for (int j = 0; j < kActBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float scale = amax / 127.0f;
+    const float inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
+    int32_t total = 0;
+    for (int j = 0; j < kActBlock; ++j) {
+      const int32_t value = static_cast<int32_t>(std::nearbyint(xb[j] * inverse));
+      q[b * kActBlock + j] = static_cast<int8_t>(value);
+      total += value;
+    }
+    d[b] = scale;
+    sum[b] = total;
+  }
+}
+
+// Quantised activations of all M rows (bf16 rows widened to float first).
+struct Activations {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sum;
+
+  Activations(const void* x, LogitsDtype dtype, int64_t m, int64_t k)
+      : q(m * k), d(m * k / kActBlock), sum(m * k / kActBlock) {
+#pragma omp parallel for schedule(static) if (m * k > (1 << 15))
+    for (int64_t r = 0; r < m; ++r) {
+      std::vector<float> widened;
+      const float* row = static_cast<const float*>(x) + r * k;
+      if (dtype == LogitsDtype::kBFloat16) {
+        const uint16_t* bits = static_cast<const uint16_t*>(x) + r * k;
+        widened.resize(k);
+        for (int64_t j = 0; j < k; ++j) widened[j] = detail::bits_float(uint32_t{bits[j]} << 16);
+        row = widened.data();
+      }
+      const int64_t nb = k / kActBlock;
+      quantize_row(row, k, q.data() + r * k, d.data() + r * nb, sum.data() + r * nb);
+    }
+  }
+
+  ActRow row(int64_t r, int64_t k) const {
+    const int64_t nb = k / kActBlock;
+    return {q.data() + r * k, d.data() + r * nb, sum.data() + r * nb};
+  }
+};
+
+// The kernel for a format on a path; a path without one for that format falls back to the
+// next simpler path.
+RowDot pick_kernel(QuantType qtype, QuantIsa isa) {
+  if (isa == QuantIsa::kAuto)
+    isa = cpu_has_vnni() ? QuantIsa::kVnni : cpu_has_avx2() ? QuantIsa::kAvx2 : QuantIsa::kScalar;
+  RowDot kernel = nullptr;
+  if (isa == QuantIsa::kVnni) kernel = vnni_row_dot(qtype);
+  if (kernel == nullptr && isa != QuantIsa::kScalar && cpu_has_avx2()) kernel = avx2_row_dot(qtype);
+  return kernel != nullptr ? kernel : scalar_row_dot(qtype);
+}
+
+}  // namespace
+
+RowDot scalar_row_dot(QuantType qtype) {
+  switch (qtype) {
+    case QuantType::kQ8_0: return dot_q8_0;
+    case QuantType::kQ4_0: return dot_q4_0;
+    case QuantType::kQ4_1: return dot_q4_1;
+    case QuantType::kQ4_K: return dot_q4_k;
+    case QuantType::kQ6_K: return dot_q6_k;
+  }
+  return nullptr;
+}
+
+}  // namespace quant
+
+bool quant_isa_supported(QuantIsa isa) {
+  if (isa == QuantIsa::kVnni) return quant::cpu_has_vnni();
+  if (isa == QuantIsa::kAvx2) return quant::cpu_has_avx2();
+  return true;
+}
+
+void quant_matmul(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k,
+                  const uint8_t* weight, QuantType qtype, int64_t n, int64_t row_bytes,
+                  QuantIsa isa, float* out) {
+  if (m == 0 || n == 0) return;
+  const quant::Activations acts(x, x_dtype, m, k);
+  const quant::RowDot dot = quant::pick_kernel(qtype, isa);
+  const bool k_quant = qtype == QuantType::kQ4_K || qtype == QuantType::kQ6_K;
+  const int64_t num_blocks = k / (k_quant ? 256 : quant::kActBlock);
+  // Parallel only above ~128K 32-block dots (~100 us on one core at ~1 ns each): waking a
+  // passive OpenMP team (OMP_WAIT_POLICY=passive) costs ~50 us, more than small decode
+  // matmuls take alone (measured: 1536x576 q4_1 at M = 1, 38 us serial, 94 us on 2 threads).
+  const int64_t block_dots = n * (k / quant::kActBlock) * m;
+#pragma omp parallel for schedule(static) if (block_dots > (1 << 17))
+  for (int64_t row = 0; row < n; ++row) {
+    const uint8_t* weights = weight + row * row_bytes;
+    for (int64_t r = 0; r < m; ++r) out[r * n + row] = dot(weights, acts.row(r, k), num_blocks);
+  }
+}
+
+}  // namespace lmarith
