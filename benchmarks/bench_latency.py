@@ -4,6 +4,8 @@ variants, and printed as ratios (machines here are noisy).
 
     python benchmarks/bench_latency.py [--tokens 32] [--repeats 3] [--batches 1 16]
         [--terms 1 2 3 5] [--plot latency.png] [--quiet]
+    python benchmarks/bench_latency.py --dtypes float32 bfloat16 q8_0 auto [--batches 1 16]
+    python benchmarks/bench_latency.py --context-sweep 32 512 2048
     python benchmarks/bench_latency.py --context-sweep 32 512 2048 [--attention-rows 1 17 64 512]
         (batch-1 decode and prefill per context length, torch vs C++ paged attention;
         benchmarks/context_sweep.py)
@@ -95,6 +97,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--context-sweep", type=int, nargs="+", metavar="TOKENS", default=None,
                         help="instead of the formula table: batch-1 decode ms/token and prefill "
                              "at these context lengths, torch vs C++ paged attention")
+    parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", default=None,
+                        help="instead of the formula table: single-model decode per weight dtype "
+                             "(float32 bfloat16 q8_0 auto; auto = the GGUF's Q4_1 blocks), with "
+                             "transformers and, if installed, llama.cpp")
     parser.add_argument("--attention-rows", type=int, nargs="+", metavar="ROWS", default=None,
                         help="with --context-sweep (or alone): one layer's attention call for "
                              "these query rows per sequence, torch vs the C++ kernel")
@@ -109,6 +115,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     if args.context_sweep or args.attention_rows:
         return attention_sweeps(args)
+    if args.dtypes:
+        return dtypes_table(args)
     model = embedded_model("float32")
     llm = la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=64, models=[model])
     hf_model = AutoModelForCausalLM.from_pretrained(model.path).eval()
@@ -120,6 +128,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     table, baselines = measure(args, llm, model, (hf_model, tokenizer), (weight_bytes, bandwidth))
     if args.plot:
         print(f"plot: {plot_latency(table, args.plot, baselines)}")
+
+
+def dtypes_table(args: argparse.Namespace) -> None:
+    """--dtypes (benchmarks/dtype_sweep.py)."""
+    from dtype_sweep import dtype_sweep
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model("float32").path
+    hf = (AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path))
+    print(f"threads={torch.get_num_threads()} tokens={args.tokens} repeats={args.repeats} "
+          f"memcpy={memcpy_bandwidth() / 1e9:.1f} GB/s", flush=True)
+    dtype_sweep(args.dtypes, args.batches, args.tokens, args.repeats,
+                lambda batch, tokens: transformers_decode_seconds(*hf, batch, tokens))
 
 
 def attention_sweeps(args: argparse.Namespace) -> None:

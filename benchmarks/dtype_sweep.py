@@ -1,0 +1,72 @@
+"""Weight-dtype sweep of bench_latency.py (`--dtypes float32 bfloat16 q8_0 auto`): single-model
+decode ms/step of the embedded SmolLM2-135M-Instruct with each weight format ("auto" is the
+shipped GGUF's own Q4_1 blocks, "q8_0" the float model quantised at load), at each batch
+size, alternated in one run with transformers (fp32) and, when llama-cpp-python is installed
+(an optional install, never in CI), llama.cpp on the same GGUF file with the same threads."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import lmarith as la
+from lmarith.embedded import embedded_model, find_embedded_gguf
+
+PROMPT = "Tell me about cats."
+
+
+def weight_bytes(llm: la.LLM, model: la.Model) -> int:
+    """Bytes one decode step reads: every parameter and buffer of the loaded model once."""
+    runner = llm.engine.worker.runners[model.spec]
+    tensors = {t.data_ptr(): t for t in [*runner.model.parameters(), *runner.model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def lmarith_seconds(llm: la.LLM, model: la.Model, batch: int, tokens: int) -> float:
+    params = la.SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
+    outputs = llm.generate([PROMPT] * batch, model, params)
+    return max(o.metrics.decode_time for o in outputs) / tokens
+
+
+def llama_cpp_runner(threads: int):
+    """A llama.cpp model on the embedded GGUF, or None when llama-cpp-python is missing."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    return Llama(model_path=str(find_embedded_gguf()), n_threads=threads, n_ctx=512, verbose=False)
+
+
+def llama_cpp_seconds(runner, tokens: int) -> float:
+    """Decode seconds per token of llama.cpp: (generate(N) - generate(1)) / (N - 1), greedy."""
+    def run(count: int) -> float:
+        start = time.perf_counter()
+        runner(PROMPT, max_tokens=count, temperature=0.0, top_k=1)
+        return time.perf_counter() - start
+    return (run(tokens + 1) - run(1)) / tokens
+
+
+def dtype_sweep(dtypes: list[str], batches: list[int], tokens: int, repeats: int, hf_seconds) -> None:
+    """Print one table row per (batch, variant): ms/step, tok/s, MB read per step, speed vs fp32."""
+    models = {dtype: embedded_model(dtype) for dtype in dtypes}
+    llama = llama_cpp_runner(torch.get_num_threads())
+    with la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=64, models=list(models.values())) as llm:
+        sizes = {dtype: weight_bytes(llm, model) for dtype, model in models.items()}
+        print("| batch | variant | MB/step | ms/step | tok/s | vs lmarith float32 |")
+        print("|---|---|---|---|---|---|")
+        for batch in batches:
+            samples: dict[str, list[float]] = {}
+            for _ in range(repeats):
+                samples.setdefault("transformers float32", []).append(hf_seconds(batch, tokens))
+                if llama is not None and batch == 1:
+                    samples.setdefault("llama.cpp (Q4_1 GGUF)", []).append(llama_cpp_seconds(llama, tokens))
+                for dtype, model in models.items():
+                    samples.setdefault(dtype, []).append(lmarith_seconds(llm, model, batch, tokens))
+            base = statistics.median(samples.get("float32", samples[dtypes[0]]))
+            for name, values in samples.items():
+                seconds = statistics.median(values)
+                label = f"lmarith {name}" if name in models else name
+                size = f"{sizes[name] / 1e6:.0f}" if name in sizes else "-"
+                print(f"| {batch} | {label} | {size} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | "
+                      f"{base / seconds:.2f}x |", flush=True)
