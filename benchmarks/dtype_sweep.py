@@ -17,10 +17,23 @@ PROMPT = "Tell me about cats."
 
 
 def weight_bytes(llm: la.LLM, model: la.Model) -> int:
-    """Bytes one decode step reads: every parameter and buffer of the loaded model once."""
+    """Weight bytes one decode step reads: every projection and the output head (float,
+    oneDNN-packed or quantized blocks) and the norms; the embedding gives one row."""
+    from lmarith.models.packed_linear import PackedLinear
+    from lmarith.models.quantization import QuantLinear
+
     runner = llm.engine.worker.runners[model.spec]
-    tensors = {t.data_ptr(): t for t in [*runner.model.parameters(), *runner.model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    total = 0
+    for module in runner.model.modules():
+        if isinstance(module, QuantLinear):
+            total += sum(b.numel() for name, b in module.named_buffers() if name.startswith("blocks"))
+        elif isinstance(module, PackedLinear):
+            total += module.packed.numel() * module.packed.element_size()
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif not isinstance(module, torch.nn.Embedding):
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return total
 
 
 def lmarith_seconds(llm: la.LLM, model: la.Model, batch: int, tokens: int) -> float:
