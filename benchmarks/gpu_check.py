@@ -7,6 +7,7 @@
    face-parametrised tests in tests/ops (conftest.py turns the interpreter on only without a GPU);
 3. run the engine on CUDA (Triton attention, store-KV, combine with and without the
    plausibility mask, and sample) and compare its greedy tokens with the CPU engine's, on tiny models of three families and on SmolLM2
+   (also with the GGUF's own Q4_1 blocks: Triton dequant-matmul against the C++ int8 path)
    (the embedded GGUF when present; otherwise a random model of SmolLM2's shape and
    vocabulary size, since the device machine may not hold the weights);
 4. print decode tokens/s of 1- vs 3-term formulas (and speculative ones) at batch 1, 16, 64.
@@ -83,6 +84,26 @@ def greedy_parity(la, directory: str, prompts: list[str], tokens: int) -> bool:
     return same
 
 
+def quantized_parity(la, gguf_path: str, prompts: list[str], tokens: int) -> bool:
+    """The GGUF's own blocks (dtype="auto") on CUDA (Triton dequant-matmul) against the CPU
+    (C++ int8 dot products, activations quantised): printed agreement; fails only on an error
+    (the two paths round activations differently, so a late token may flip)."""
+    params = la.SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    model = la.Model(gguf_path, dtype="auto")
+    try:
+        cpu = la.LLM(kv_cache_bytes=256 << 20).generate(prompts, model, params)
+        with la.LLM(kv_cache_bytes=256 << 20, device="cuda") as gpu_llm:
+            gpu = gpu_llm.generate(prompts, model, params)
+    except Exception as error:  # report and carry on, as every section does
+        print(f"  quantized (auto) failed: {type(error).__name__}: {error}")
+        return False
+    first = sum(c.token_ids[:8] == g.token_ids[:8] for c, g in zip(cpu, gpu))
+    agree = sum(a == b for c, g in zip(cpu, gpu) for a, b in zip(c.token_ids, g.token_ids))
+    print(f"  quantized (auto, Q4_1 blocks): first 8 tokens identical for {first}/{len(prompts)} "
+          f"prompts, {agree}/{len(prompts) * tokens} tokens agree")
+    return True
+
+
 def smollm2_directory(explicit: str | None, workdir: Path) -> tuple[str, str]:
     """(path, what it is): the real SmolLM2 if it is on this machine, else a random model of
     its shape and vocabulary size."""
@@ -150,6 +171,8 @@ def main() -> int:
     print(f" {what}:")
     prompts = PROMPTS if "SmolLM2-135M" in what else [f"w{i} w{i * 7 + 3} w{i * 13 + 11}" for i in range(4)]
     ok &= greedy_parity(la, path, prompts, 16)
+    if path.endswith(".gguf"):
+        ok &= quantized_parity(la, path, prompts, 16)
     section("4. decode throughput on CUDA, bf16, 1- vs 3-term formulas")
     throughput(la, path, prompts, args.tokens)
     section("result")
