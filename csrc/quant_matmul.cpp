@@ -8,8 +8,12 @@
 // sum; q4_1 and q4_k's mins: m * d_x * sum), so only the scales are floating point.
 // OpenMP splits the rows of W: a thread streams its rows once and computes every activation
 // row against each while it is in L1 (for M = 1 decode the weights are the whole traffic).
+// The SIMD kernels take the activation rows kTile (8) at a time, unpacking each weight block
+// (nibbles, fp16 scales) once per tile and keeping one fp32 accumulator per row in registers;
+// the scalar ones go row by row.
 // This file holds the driver and the portable scalar kernels (also the only kernels of
-// q4_k / q6_k for now); csrc/quant_matmul_x86.cpp the AVX2 and AVX512-VNNI ones.
+// q4_k / q6_k for now); csrc/quant_matmul_x86.cpp the AVX2 ones, csrc/quant_matmul_vnni.cpp
+// the AVX512-VNNI ones.
 #include "quant_matmul.h"
 
 #include <algorithm>
@@ -145,44 +149,97 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) 
   }
 }
 
-// Quantised activations of all M rows (bf16 rows widened to float first).
+// One row's activations (bf16 widened to float first) quantised into row r of q, d, sum.
+void quantize_input_row(const void* x, LogitsDtype dtype, int64_t r, int64_t k, int8_t* q,
+                        float* d, int32_t* sum) {
+  std::vector<float> widened;
+  const float* row = static_cast<const float*>(x) + r * k;
+  if (dtype == LogitsDtype::kBFloat16) {
+    const uint16_t* bits = static_cast<const uint16_t*>(x) + r * k;
+    widened.resize(k);
+    for (int64_t j = 0; j < k; ++j) widened[j] = detail::bits_float(uint32_t{bits[j]} << 16);
+    row = widened.data();
+  }
+  const int64_t nb = k / kActBlock;
+  quantize_row(row, k, q + r * k, d + r * nb, sum + r * nb);
+}
+
+// Quantised activations of all M rows, plus the copies of the scales and sums the SIMD
+// kernels read (ActTile's d_wide, d_t, sum_t).
 struct Activations {
+  int64_t m, k, nb, tiles;
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int32_t> sum;
+  std::vector<float> d_wide, d_t, sum_t;
 
-  Activations(const void* x, LogitsDtype dtype, int64_t m, int64_t k)
-      : q(m * k), d(m * k / kActBlock), sum(m * k / kActBlock) {
+  Activations(const void* x, LogitsDtype dtype, int64_t m_, int64_t k_)
+      : m(m_), k(k_), nb(k_ / kActBlock), tiles((m_ + kTile - 1) / kTile), q(m * k),
+        d(m * nb), sum(m * nb), d_wide(m * nb * 8), d_t(tiles * nb * kTile, 0.0f),
+        sum_t(tiles * nb * kTile, 0.0f) {
 #pragma omp parallel for schedule(static) if (m * k > (1 << 15))
     for (int64_t r = 0; r < m; ++r) {
-      std::vector<float> widened;
-      const float* row = static_cast<const float*>(x) + r * k;
-      if (dtype == LogitsDtype::kBFloat16) {
-        const uint16_t* bits = static_cast<const uint16_t*>(x) + r * k;
-        widened.resize(k);
-        for (int64_t j = 0; j < k; ++j) widened[j] = detail::bits_float(uint32_t{bits[j]} << 16);
-        row = widened.data();
+      quantize_input_row(x, dtype, r, k, q.data(), d.data(), sum.data());
+      float* dt = d_t.data() + (r / kTile) * nb * kTile + r % kTile;
+      float* st = sum_t.data() + (r / kTile) * nb * kTile + r % kTile;
+      for (int64_t b = 0; b < nb; ++b) {
+        std::fill_n(d_wide.data() + (r * nb + b) * 8, 8, d[r * nb + b]);
+        dt[b * kTile] = d[r * nb + b];
+        st[b * kTile] = static_cast<float>(sum[r * nb + b]);
       }
-      const int64_t nb = k / kActBlock;
-      quantize_row(row, k, q.data() + r * k, d.data() + r * nb, sum.data() + r * nb);
     }
   }
 
-  ActRow row(int64_t r, int64_t k) const {
-    const int64_t nb = k / kActBlock;
+  ActRow row(int64_t r) const {
     return {q.data() + r * k, d.data() + r * nb, sum.data() + r * nb};
+  }
+
+  // Rows [t * kTile, min(m, (t + 1) * kTile)).
+  ActTile tile(int64_t t) const {
+    const int64_t first = t * kTile;
+    const int rows = static_cast<int>(std::min<int64_t>(kTile, m - first));
+    return {q.data() + first * k, d.data() + first * nb, d_wide.data() + first * nb * 8,
+            d_t.data() + t * nb * kTile,
+            sum_t.data() + t * nb * kTile, k, nb, rows};
   }
 };
 
-// The kernel for a format on a path; a path without one for that format falls back to the
-// next simpler path.
-RowDot pick_kernel(QuantType qtype, QuantIsa isa) {
+// The kernel for a format on a path: a SIMD tile dot, or (none on that path, or the scalar
+// path asked for) the scalar row dot. VNNI without a kernel for the format falls back to AVX2.
+struct Kernel {
+  TileDot tile = nullptr;
+  RowDot row = nullptr;
+};
+
+Kernel pick_kernel(QuantType qtype, QuantIsa isa) {
   if (isa == QuantIsa::kAuto)
     isa = cpu_has_vnni() ? QuantIsa::kVnni : cpu_has_avx2() ? QuantIsa::kAvx2 : QuantIsa::kScalar;
-  RowDot kernel = nullptr;
-  if (isa == QuantIsa::kVnni) kernel = vnni_row_dot(qtype);
-  if (kernel == nullptr && isa != QuantIsa::kScalar && cpu_has_avx2()) kernel = avx2_row_dot(qtype);
-  return kernel != nullptr ? kernel : scalar_row_dot(qtype);
+  Kernel kernel;
+  if (isa == QuantIsa::kVnni) kernel.tile = vnni_tile_dot(qtype);
+  if (kernel.tile == nullptr && isa != QuantIsa::kScalar && cpu_has_avx2())
+    kernel.tile = avx2_tile_dot(qtype);
+  if (kernel.tile == nullptr) kernel.row = scalar_row_dot(qtype);
+  return kernel;
+}
+
+// Weight rows per unit of OpenMP work: the tiles after the first find them in L1 (16 rows of
+// K = 1536 q8_0 are 26 KB), and n / 16 units still balance two threads.
+constexpr int64_t kRowChunk = 16;
+
+// Columns [first, last) of out [M, N]: those weight rows against every activation row.
+void weight_rows(const uint8_t* weight, int64_t row_bytes, int64_t first, int64_t last,
+                 const Activations& acts, const Kernel& kernel, int64_t num_blocks, int64_t n,
+                 float* out) {
+  const uint8_t* rows = weight + first * row_bytes;
+  if (kernel.tile != nullptr) {
+    for (int64_t t = 0; t < acts.tiles; ++t)
+      kernel.tile(rows, row_bytes, last - first, acts.tile(t), num_blocks,
+                  out + t * kTile * n + first, n);
+    return;
+  }
+  for (int64_t row = first; row < last; ++row)
+    for (int64_t r = 0; r < acts.m; ++r)
+      out[r * n + row] = kernel.row(weight + row * row_bytes, acts.row(r), num_blocks);
 }
 
 }  // namespace
@@ -211,7 +268,7 @@ void quant_matmul(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k,
                   QuantIsa isa, float* out) {
   if (m == 0 || n == 0) return;
   const quant::Activations acts(x, x_dtype, m, k);
-  const quant::RowDot dot = quant::pick_kernel(qtype, isa);
+  const quant::Kernel kernel = quant::pick_kernel(qtype, isa);
   const bool k_quant = qtype == QuantType::kQ4_K || qtype == QuantType::kQ6_K;
   const int64_t num_blocks = k / (k_quant ? 256 : quant::kActBlock);
   // Parallel only above ~128K 32-block dots (~100 us on one core at ~1 ns each): waking a
@@ -219,10 +276,9 @@ void quant_matmul(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k,
   // matmuls take alone (measured: 1536x576 q4_1 at M = 1, 38 us serial, 94 us on 2 threads).
   const int64_t block_dots = n * (k / quant::kActBlock) * m;
 #pragma omp parallel for schedule(static) if (block_dots > (1 << 17))
-  for (int64_t row = 0; row < n; ++row) {
-    const uint8_t* weights = weight + row * row_bytes;
-    for (int64_t r = 0; r < m; ++r) out[r * n + row] = dot(weights, acts.row(r, k), num_blocks);
-  }
+  for (int64_t first = 0; first < n; first += quant::kRowChunk)
+    quant::weight_rows(weight, row_bytes, first, std::min(n, first + quant::kRowChunk), acts,
+                       kernel, num_blocks, n, out);
 }
 
 }  // namespace lmarith

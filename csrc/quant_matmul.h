@@ -1,5 +1,6 @@
 // Internals of quant_matmul (csrc/quant_matmul.cpp: driver, activation quantisation, scalar
-// kernels; csrc/quant_matmul_x86.cpp: AVX2 and AVX512-VNNI kernels chosen at run time).
+// kernels; csrc/quant_matmul_x86.cpp: AVX2 kernels and CPU detection; csrc/quant_matmul_vnni.cpp:
+// AVX512-VNNI kernels; the SIMD ones are chosen at run time).
 // Weights stay in GGML's block layout (kernels/quant_formats.py) and are read once; the
 // activations are quantised per 32-block to int8 with an fp32 scale and their integer block
 // sum, so every block's dot product is an exact int8 x int4/int8 integer sum.
@@ -27,6 +28,45 @@ struct ActRow {
 // quantised activation row.
 using RowDot = float (*)(const uint8_t* row, const ActRow& act, int64_t num_blocks);
 
+// Activation rows the SIMD kernels take together, so each weight block is unpacked once per
+// tile instead of once per row.
+constexpr int kTile = 8;
+
+// A tile of 1..kTile quantised activation rows: row r's int8 at q + r * k, its block scales at
+// d + r * nb, and again each repeated 8 times at d_wide + r * nb * 8 (one 512-bit load gives
+// blocks b, b + 1 in the lane halves VNNI's two-block step uses); d_t / sum_t [nb][kTile] hold
+// block b's scales / integer sums (as float) of the tile's rows side by side (zero past
+// `rows`), for the per-block offset terms of all rows in one vector.
+struct ActTile {
+  const int8_t* q;
+  const float* d;
+  const float* d_wide;
+  const float* d_t;
+  const float* sum_t;
+  int64_t k, nb;
+  int rows;
+};
+
+// `count` consecutive weight rows (row_bytes apart) against a tile: out[r * out_stride + i] =
+// the dot of weight row i with the tile's row r. Taking several weight rows per call keeps the
+// call and the tile-height dispatch out of the per-row cost (~130 cycles a row at M = 1).
+using TileDot = void (*)(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                         const ActTile& tile, int64_t num_blocks, float* out, int64_t out_stride);
+
+// Expands to one call per tile height, CALL(R) with R a compile-time constant (the kernels
+// keep their R accumulators in registers), chosen by the run-time `rows`.
+#define LMARITH_TILE_SWITCH(rows, CALL) \
+  switch (rows) {                        \
+    case 1: CALL(1); break;              \
+    case 2: CALL(2); break;              \
+    case 3: CALL(3); break;              \
+    case 4: CALL(4); break;              \
+    case 5: CALL(5); break;              \
+    case 6: CALL(6); break;              \
+    case 7: CALL(7); break;              \
+    default: CALL(8); break;             \
+  }
+
 // IEEE binary16 bits -> float (subnormals, inf and NaN included); the scalar path's decoder.
 inline float half_to_float(uint16_t half) {
   const uint32_t sign = static_cast<uint32_t>(half & 0x8000u) << 16;
@@ -47,11 +87,11 @@ inline uint16_t load_u16(const uint8_t* bytes) {
   return value;
 }
 
-// The per-format row dots of each path; nullptr where a path has none for that format
-// (the driver then uses the scalar one).
+// The per-format kernels of each path: scalar row dots (every format), AVX2 / VNNI tile dots
+// (nullptr where a path has none for that format; the driver then uses the scalar one).
 RowDot scalar_row_dot(QuantType qtype);
-RowDot avx2_row_dot(QuantType qtype);
-RowDot vnni_row_dot(QuantType qtype);
+TileDot avx2_tile_dot(QuantType qtype);
+TileDot vnni_tile_dot(QuantType qtype);
 
 // Whether this CPU runs the AVX2 (avx2, fma, f16c) / VNNI (+ avx512f/bw/vl/vnni) kernels.
 bool cpu_has_avx2();

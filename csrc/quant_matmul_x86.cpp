@@ -1,13 +1,14 @@
-// quant_matmul's x86 kernels (driver and scalar path: csrc/quant_matmul.cpp). Each function
+// quant_matmul's AVX2 kernels and the CPU detection (driver and scalar path:
+// csrc/quant_matmul.cpp; AVX512-VNNI kernels: csrc/quant_matmul_vnni.cpp). Each function
 // carries its own target attribute and the driver picks one at run time from
 // __builtin_cpu_supports, so a portable build (LMARITH_PORTABLE, no -march=native) still uses
-// them. Per 32-block the int8 dot is exact:
-//   AVX2: _mm256_maddubs_epi16 (u8 x s8 -> pairs of i16, at most 2 * 128 * 127 < 2^15 for
-//         our operands) then _mm256_madd_epi16 with ones -> 8 x i32; one block per step.
-//   VNNI: _mm512_dpbusd_epi32 (u8 x s8, four products summed into i32), two blocks per step
-//         (lanes 0-7 the first block, 8-15 the second), _mm256_dpbusd_epi32 for an odd tail.
+// them. Per 32-block the int8 dot is exact: _mm256_maddubs_epi16 (u8 x s8 -> pairs of i16, at
+// most 2 * 128 * 127 < 2^15 for our operands) then _mm256_madd_epi16 with ones -> 8 x i32.
 // The unsigned operand is the weight's nibbles (q4_0 / q4_1: the -8 or the min go through the
 // activation block sums) or, for q8_0, |w| with the sign moved onto the activations.
+// A kernel takes one weight row and a tile of R activation rows (ActTile): each block is
+// loaded and unpacked once, then applied to the R rows, whose fp32 accumulators (one ymm each)
+// stay in registers; the per-block offset terms of all R rows go in one ymm (lane = row).
 // q4_k / q6_k have no SIMD kernels yet (the scalar ones, auto-vectorised, run on every path).
 #include "quant_matmul.h"
 
@@ -15,13 +16,10 @@
 #include <immintrin.h>
 
 #define LMARITH_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define LMARITH_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 namespace lmarith {
 namespace quant {
 namespace {
-
-// ---- AVX2 ----------------------------------------------------------------------------------
 
 LMARITH_AVX2 inline float half_avx2(const uint8_t* bytes) { return _cvtsh_ss(load_u16(bytes)); }
 
@@ -33,10 +31,13 @@ LMARITH_AVX2 inline __m256i nibbles_avx2(const uint8_t* qs) {
   return _mm256_set_m128i(high, _mm_and_si128(packed, mask));
 }
 
-// 8 x i32 partial sums of u8 u times s8 at x.
-LMARITH_AVX2 inline __m256i dot_avx2(__m256i u, const int8_t* x) {
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), _mm256_set1_epi16(1));
+// 8 x i32 partial sums of u8 u times s8 x.
+LMARITH_AVX2 inline __m256i dot_avx2(__m256i u, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+}
+
+LMARITH_AVX2 inline __m256i load_x_avx2(const ActTile& tile, int r, int64_t b) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.q + r * tile.k + b * kActBlock));
 }
 
 LMARITH_AVX2 inline float hsum_avx2(__m256 v) {
@@ -45,123 +46,93 @@ LMARITH_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)));
 }
 
-LMARITH_AVX2 float q8_0_avx2(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
-  __m256 acc = _mm256_setzero_ps();
+// acc[r] += dot * (w_scale * d_x of row r for block b), the fp32 step every format shares.
+template <int R>
+LMARITH_AVX2 inline void scale_add_avx2(__m256* acc, const __m256i* dots, float w_scale,
+                                        const ActTile& tile, int64_t b) {
+  const __m256 w = _mm256_set1_ps(w_scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m256 scale = _mm256_mul_ps(w, _mm256_broadcast_ss(tile.d + r * tile.nb + b));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), scale, acc[r]);
+  }
+}
+
+// out[r * stride] = the horizontal sum of acc[r] plus lane r of `offsets` times offset_factor.
+template <int R>
+LMARITH_AVX2 inline void store_avx2(const __m256* acc, __m256 offsets, float offset_factor,
+                                    float* out, int64_t stride) {
+  alignas(32) float lanes[kTile];
+  _mm256_store_ps(lanes, offsets);
+  for (int r = 0; r < R; ++r) out[r * stride] = hsum_avx2(acc[r]) + offset_factor * lanes[r];
+}
+
+template <int R>
+LMARITH_AVX2 inline void q8_0_avx2(const uint8_t* row, const ActTile& tile,
+                            int64_t num_blocks, float* out, int64_t stride) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < num_blocks; ++b) {
     const uint8_t* block = row + b * 34;
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act.q + b * kActBlock));
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    const __m256i dot = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-    const __m256 scale = _mm256_set1_ps(half_avx2(block) * act.d[b]);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
+    const __m256i magnitude = _mm256_sign_epi8(w, w);
+    __m256i dots[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      dots[r] = dot_avx2(magnitude, _mm256_sign_epi8(load_x_avx2(tile, r, b), w));
+    scale_add_avx2<R>(acc, dots, half_avx2(block), tile, b);
   }
-  return hsum_avx2(acc);
+  store_avx2<R>(acc, _mm256_setzero_ps(), 0.0f, out, stride);
+}
+
+// The tile's offset terms of block b, (c * d_x) * sum_x per row (lane): c is q4_1's min, or
+// q4_0's d (the -8 is applied once at the end, exactly, as a power of two).
+LMARITH_AVX2 inline __m256 offsets_avx2(__m256 acc, float c, const ActTile& tile, int64_t b) {
+  const __m256 dx = _mm256_loadu_ps(tile.d_t + b * kTile);
+  const __m256 sum = _mm256_loadu_ps(tile.sum_t + b * kTile);
+  return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c), dx), sum));
 }
 
 // q4_0 (kHasMin false: w = d * (q - 8)) and q4_1 (true: w = d * q + m).
-template <bool kHasMin>
-LMARITH_AVX2 float q4_avx2(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
+template <bool kHasMin, int R>
+LMARITH_AVX2 inline void q4_avx2(const uint8_t* row, const ActTile& tile,
+                            int64_t num_blocks, float* out, int64_t stride) {
   constexpr int64_t kBytes = kHasMin ? 20 : 18, kQs = kHasMin ? 4 : 2;
-  __m256 acc = _mm256_setzero_ps();
-  float offsets = 0.0f;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 offsets = _mm256_setzero_ps();
   for (int64_t b = 0; b < num_blocks; ++b) {
     const uint8_t* block = row + b * kBytes;
-    const __m256i dot = dot_avx2(nibbles_avx2(block + kQs), act.q + b * kActBlock);
-    const float scale = half_avx2(block) * act.d[b];
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc);
-    const float sum = static_cast<float>(act.sum[b]);
-    offsets += kHasMin ? half_avx2(block + 2) * act.d[b] * sum : -8.0f * scale * sum;
+    const __m256i u = nibbles_avx2(block + kQs);
+    __m256i dots[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) dots[r] = dot_avx2(u, load_x_avx2(tile, r, b));
+    const float d = half_avx2(block);
+    scale_add_avx2<R>(acc, dots, d, tile, b);
+    offsets = offsets_avx2(offsets, kHasMin ? half_avx2(block + 2) : d, tile, b);
   }
-  return hsum_avx2(acc) + offsets;
+  store_avx2<R>(acc, offsets, kHasMin ? 1.0f : -8.0f, out, stride);
 }
 
-// ---- AVX512-VNNI ---------------------------------------------------------------------------
+// One tile height R over the weight rows: the row kernel inlined into the loop.
+#define LMARITH_ROWS(KERNEL)                                           \
+  for (int64_t i = 0; i < count; ++i)                                  \
+    KERNEL(rows + i * row_bytes, tile, num_blocks, out + i, stride)
+#define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_avx2<R>)
+#define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_avx2<kHasMin, R>))
 
-LMARITH_VNNI inline float half_vnni(const uint8_t* bytes) { return _cvtsh_ss(load_u16(bytes)); }
-
-LMARITH_VNNI inline __m256i nibbles_vnni(const uint8_t* qs) {
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-  return _mm256_set_m128i(high, _mm_and_si128(packed, mask));
-}
-
-LMARITH_VNNI inline __m512i join_vnni(__m256i low, __m256i high) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
-}
-
-// Two blocks' scales, one per 8-lane half.
-LMARITH_VNNI inline __m512 pair_scale(float first, float second) {
-  return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(first), _mm512_set1_ps(second));
-}
-
-LMARITH_VNNI inline float hsum_vnni(__m256i v) {
-  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
-  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xB1));
-  return static_cast<float>(_mm_cvtsi128_si32(sum));
-}
-
-// q8_0's signed x signed dot as unsigned x signed: |w| times x with w's sign.
-LMARITH_VNNI inline __m512i signed_dot512(__m512i w, __m512i x) {
-  const __mmask64 negative = _mm512_movepi8_mask(w);
-  const __m512i signed_x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
-  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), signed_x);
-}
-
-LMARITH_VNNI float q8_0_vnni(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t b = 0;
-  for (; b + 2 <= num_blocks; b += 2) {
-    const uint8_t* block = row + b * 34;
-    const __m512i w = join_vnni(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2)),
-                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 36)));
-    const __m512i x = _mm512_loadu_si512(act.q + b * kActBlock);
-    const __m512 scale = pair_scale(half_vnni(block) * act.d[b], half_vnni(block + 34) * act.d[b + 1]);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(signed_dot512(w, x)), scale, acc);
-  }
-  float total = _mm512_reduce_add_ps(acc);
-  if (b < num_blocks) {  // odd tail: one block with the 256-bit form
-    const uint8_t* block = row + b * 34;
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act.q + b * kActBlock));
-    const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w),
-                                            _mm256_sign_epi8(x, w));
-    total += half_vnni(block) * act.d[b] * hsum_vnni(dot);
-  }
-  return total;
+// The TileDots: the tile height picked at run time, once per call.
+LMARITH_AVX2 void q8_0_tile_avx2(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                                 const ActTile& tile, int64_t num_blocks, float* out,
+                                 int64_t stride) {
+  LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q8_0)
 }
 
 template <bool kHasMin>
-LMARITH_VNNI float q4_vnni(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
-  constexpr int64_t kBytes = kHasMin ? 20 : 18, kQs = kHasMin ? 4 : 2;
-  __m512 acc = _mm512_setzero_ps();
-  float offsets = 0.0f;
-  int64_t b = 0;
-  for (; b + 2 <= num_blocks; b += 2) {
-    const uint8_t* block = row + b * kBytes;
-    const __m512i u = join_vnni(nibbles_vnni(block + kQs), nibbles_vnni(block + kBytes + kQs));
-    const __m512i x = _mm512_loadu_si512(act.q + b * kActBlock);
-    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);
-    const float first = half_vnni(block) * act.d[b];
-    const float second = half_vnni(block + kBytes) * act.d[b + 1];
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scale(first, second), acc);
-    const float sum0 = static_cast<float>(act.sum[b]), sum1 = static_cast<float>(act.sum[b + 1]);
-    offsets += kHasMin ? half_vnni(block + 2) * act.d[b] * sum0 +
-                             half_vnni(block + kBytes + 2) * act.d[b + 1] * sum1
-                       : -8.0f * (first * sum0 + second * sum1);
-  }
-  float total = _mm512_reduce_add_ps(acc) + offsets;
-  if (b < num_blocks) {  // odd tail
-    const uint8_t* block = row + b * kBytes;
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act.q + b * kActBlock));
-    const float dot = hsum_vnni(_mm256_dpbusd_epi32(_mm256_setzero_si256(),
-                                                   nibbles_vnni(block + kQs), x));
-    const float scale = half_vnni(block) * act.d[b], sum = static_cast<float>(act.sum[b]);
-    total += scale * dot + (kHasMin ? half_vnni(block + 2) * act.d[b] * sum : -8.0f * scale * sum);
-  }
-  return total;
+LMARITH_AVX2 void q4_tile_avx2(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                               const ActTile& tile, int64_t num_blocks, float* out,
+                               int64_t stride) {
+  LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q4)
 }
 
 }  // namespace
@@ -179,20 +150,11 @@ bool cpu_has_vnni() {
   return has;
 }
 
-RowDot avx2_row_dot(QuantType qtype) {
+TileDot avx2_tile_dot(QuantType qtype) {
   switch (qtype) {
-    case QuantType::kQ8_0: return q8_0_avx2;
-    case QuantType::kQ4_0: return q4_avx2<false>;
-    case QuantType::kQ4_1: return q4_avx2<true>;
-    default: return nullptr;
-  }
-}
-
-RowDot vnni_row_dot(QuantType qtype) {
-  switch (qtype) {
-    case QuantType::kQ8_0: return q8_0_vnni;
-    case QuantType::kQ4_0: return q4_vnni<false>;
-    case QuantType::kQ4_1: return q4_vnni<true>;
+    case QuantType::kQ8_0: return q8_0_tile_avx2;
+    case QuantType::kQ4_0: return q4_tile_avx2<false>;
+    case QuantType::kQ4_1: return q4_tile_avx2<true>;
     default: return nullptr;
   }
 }
@@ -206,8 +168,7 @@ namespace lmarith {
 namespace quant {
 bool cpu_has_avx2() { return false; }
 bool cpu_has_vnni() { return false; }
-RowDot avx2_row_dot(QuantType) { return nullptr; }
-RowDot vnni_row_dot(QuantType) { return nullptr; }
+TileDot avx2_tile_dot(QuantType) { return nullptr; }
 }  // namespace quant
 }  // namespace lmarith
 

@@ -77,8 +77,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._admit(request)
-            if request.nudging is None or self._reserve_decode(request):
-                budget = self._plan_request(request, budget, batch)
+            if request.nudging is not None and not self._reserve_admitted(request):
+                break
+            budget = self._plan_request(request, budget, batch)
         return batch
 
     def _admit(self, request: Request) -> None:
@@ -89,6 +90,23 @@ class Scheduler:
                 request.metrics.cached_prompt_tokens += min(seq.num_computed, seq.prompt_len)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+
+    def _reserve_admitted(self, request: Request) -> bool:
+        """A just-admitted nudging request takes the pages its sides' tokens need beyond the
+        prompt, or goes back to the queue's head untouched: it never preempts others, whose
+        work may already be planned this step."""
+        try:
+            nudging.reserve(request, self.block_manager, self.copy_page)
+            return True
+        except CacheExhaustedError:
+            for seq in request.sequences:
+                if self.block_manager.is_live(seq):
+                    self.block_manager.preempt(seq)
+                seq.reset([])
+            self.running.remove(request)
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
+            return False
 
     def _reserve_decode(self, request: Request) -> bool:
         """Give every term its newly sampled tokens and room for them, preempting newer

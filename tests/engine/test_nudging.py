@@ -108,7 +108,7 @@ def test_preemption_keeps_answers(tmp_path, models):
     both sides and give the same answers."""
     formula = nudging(models, "word_base", "word_nudger")
     expected = reference_answers(formula, WORD_PROMPTS * 2, 40)
-    with la.LLM(kv_cache_bytes=200_000, max_num_seqs=8, models=[models["word_base"], models["word_nudger"]]) as small:
+    with la.LLM(kv_cache_bytes=170_000, max_num_seqs=8, models=[models["word_base"], models["word_nudger"]]) as small:
         got, _ = engine_answers(small, formula, WORD_PROMPTS * 2, 40)
         assert small.stats().preemptions > 0
         assert_all_pages_free(small)

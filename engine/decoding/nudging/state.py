@@ -18,6 +18,23 @@ class Phase(enum.Enum):
 
 
 @dataclass
+class Lookahead:
+    """A whole draft still being written after the base took over (full_drafts): the base's
+    pieces are held back until the draft shows whether it ends the answer (then they are
+    dropped and the whole draft is the answer's end) or not (then they go out)."""
+
+    text_len: int                                   # the answer before this round's words
+    base_len: int
+    held: list = field(default_factory=list)        # (ids, text, nudged) not handed out yet
+    base_idle: bool = False                         # the base stopped (uncertain, end, budget)
+    round_pending: bool = False                     # a new round waits for the draft
+
+    @property
+    def held_tokens(self) -> int:
+        return sum(len(ids) for ids, _, _ in self.held)
+
+
+@dataclass
 class Side:
     """The base or the nudger: its sequences (slots in request.sequences), tokenizer,
     formula and plan, end tokens, and its token ids of the answer written so far."""
@@ -42,6 +59,7 @@ class NudgingState:
     shared_tokens: bool                 # one tokenizer: hand off tokens, not text
     text: str = ""                      # the answer so far
     phase: Phase = Phase.DRAFT
+    draft_context: list[int] = field(default_factory=list)   # nudger ids the draft follows
     draft_ids: list[int] = field(default_factory=list)
     draft_texts: list[str] = field(default_factory=lambda: [""])   # text of draft_ids[:k]
     probes: dict[int, Probe] = field(default_factory=dict)
@@ -53,6 +71,7 @@ class NudgingState:
     draws: int = 0                      # random draws so far (each its own sampler step)
     rounds: int = 0
     needs: dict[int, int] = field(default_factory=dict)   # slot -> first position with logits
+    lookahead: Optional[Lookahead] = None
 
     @property
     def draft(self) -> Draft:
@@ -70,13 +89,15 @@ class NudgingState:
         self.draft_ids, self.draft_texts = [], [""]
         self.probes, self.pending = {}, {}
         self.rounds += 1
+        self.lookahead = None
         if not self.shared_tokens:
             self.nudger.ids = encode(self.nudger.tokenizer, self.text)
+        self.draft_context = list(self.nudger.ids)
 
     def add_draft_token(self, token: int) -> None:
         self.draft_ids.append(token)
-        ids = self.nudger.ids + self.draft_ids
-        self.draft_texts.append(decode_after(self.nudger.tokenizer, ids, len(self.nudger.ids)))
+        ids = self.draft_context + self.draft_ids
+        self.draft_texts.append(decode_after(self.nudger.tokenizer, ids, len(self.draft_context)))
 
     def probe_ids(self, cut: int) -> Optional[list[int]]:
         """The base's answer ids up to draft boundary `cut`, or None when no token of the
@@ -132,6 +153,16 @@ class NudgingState:
         """False while the base's last tokens are bytes of an unfinished character."""
         run = decode_after(self.base.tokenizer, self.base.ids, self.run_start)
         return run == clean_text(run)
+
+    def roll_back(self) -> None:
+        """Undo everything since the lookahead began (the whole draft ends the answer)."""
+        look = self.lookahead
+        self.text = self.text[: look.text_len]
+        del self.base.ids[look.base_len:]
+        if self.shared_tokens:
+            self.nudger.ids = list(self.base.ids)
+        self.run_start, self.run_chars = len(self.base.ids), 0
+        self.lookahead = None
 
     def note_words(self, words: str) -> bool:
         """Record a round's nudging words; True on the third repeat in a row (stop)."""

@@ -1,0 +1,209 @@
+// quant_matmul's AVX512-VNNI kernels (driver: csrc/quant_matmul.cpp; AVX2 kernels and the CPU
+// detection: csrc/quant_matmul_x86.cpp). _mm512_dpbusd_epi32 (u8 x s8, four products summed
+// into i32) takes two blocks per step (lanes 0-7 the first block, 8-15 the second), and
+// _mm256_dpbusd_epi32 an odd tail; the integer dots are exact. The unsigned operand is the
+// weight's nibbles (q4_0 / q4_1: the -8 or the min go through the activation block sums) or,
+// for q8_0, |w| with the sign moved onto the activations.
+// A kernel takes one weight row and a tile of R activation rows (ActTile): each pair of
+// blocks is loaded and unpacked once and applied to the R rows, whose fp32 accumulators (one
+// zmm each) stay in registers; the per-block offset terms of all R rows go in one ymm.
+#include "quant_matmul.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+#define LMARITH_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+namespace lmarith {
+namespace quant {
+namespace {
+
+LMARITH_VNNI inline float half_vnni(const uint8_t* bytes) { return _cvtsh_ss(load_u16(bytes)); }
+
+// 16 nibble bytes -> 32 u8 in weight order (low nibbles = weights 0-15, high = 16-31).
+LMARITH_VNNI inline __m256i nibbles_vnni(const uint8_t* qs) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+  return _mm256_set_m128i(high, _mm_and_si128(packed, mask));
+}
+
+LMARITH_VNNI inline __m512i join_vnni(__m256i low, __m256i high) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
+
+// Two blocks' scales, one per 8-lane half.
+LMARITH_VNNI inline __m512 pair_scale(float first, float second) {
+  return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(first), _mm512_set1_ps(second));
+}
+
+LMARITH_VNNI inline float hsum_vnni(__m256i v) {
+  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xB1));
+  return static_cast<float>(_mm_cvtsi128_si32(sum));
+}
+
+LMARITH_VNNI inline const int8_t* x_at(const ActTile& tile, int r, int64_t b) {
+  return tile.q + r * tile.k + b * kActBlock;
+}
+
+// acc[r] += dots[r] * (the pair's weight scales times row r's d_x of blocks b, b + 1).
+template <int R>
+LMARITH_VNNI inline void scale_add_vnni(__m512* acc, const __m512i* dots, __m512 w_scales,
+                                        const ActTile& tile, int64_t b) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512 x_scales = _mm512_loadu_ps(tile.d_wide + (r * tile.nb + b) * 8);
+    const __m512 scale = _mm512_mul_ps(w_scales, x_scales);
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
+  }
+}
+
+// out[r * stride] = the sum of acc[r], tail[r] and lane r of `offsets` times offset_factor.
+template <int R>
+LMARITH_VNNI inline void store_vnni(const __m512* acc, const float* tail, __m256 offsets,
+                                    float offset_factor, float* out, int64_t stride) {
+  alignas(32) float lanes[kTile];
+  _mm256_store_ps(lanes, offsets);
+  for (int r = 0; r < R; ++r)
+    out[r * stride] = _mm512_reduce_add_ps(acc[r]) + tail[r] + offset_factor * lanes[r];
+}
+
+// q8_0's odd last block for each row: |w| times x with w's sign, 256-bit form.
+template <int R>
+LMARITH_VNNI inline void q8_0_tail(const uint8_t* block, const ActTile& tile, int64_t b,
+                                   float* tail) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+  const __m256i magnitude = _mm256_sign_epi8(w, w);
+  const float d = half_vnni(block);
+  for (int r = 0; r < R; ++r) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_at(tile, r, b)));
+    const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude,
+                                            _mm256_sign_epi8(x, w));
+    tail[r] = d * tile.d[r * tile.nb + b] * hsum_vnni(dot);
+  }
+}
+
+template <int R>
+LMARITH_VNNI inline void q8_0_vnni(const uint8_t* row, const ActTile& tile,
+                            int64_t num_blocks, float* out, int64_t stride) {
+  __m512 acc[R];
+  float tail[R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= num_blocks; b += 2) {
+    const uint8_t* block = row + b * 34;
+    const __m512i w = join_vnni(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2)),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 36)));
+    const __mmask64 negative = _mm512_movepi8_mask(w);
+    const __m512i magnitude = _mm512_abs_epi8(w);
+    __m512i dots[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512i x = _mm512_loadu_si512(x_at(tile, r, b));
+      const __m512i signed_x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+      dots[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, signed_x);
+    }
+    scale_add_vnni<R>(acc, dots, pair_scale(half_vnni(block), half_vnni(block + 34)), tile, b);
+  }
+  if (b < num_blocks) q8_0_tail<R>(row + b * 34, tile, b, tail);
+  store_vnni<R>(acc, tail, _mm256_setzero_ps(), 0.0f, out, stride);
+}
+
+// The tile's offset terms of block b, (c * d_x) * sum_x per row (lane): c is q4_1's min, or
+// q4_0's d (the -8 is applied once at the end, exactly, as a power of two).
+LMARITH_VNNI inline __m256 offsets_vnni(__m256 acc, float c, const ActTile& tile, int64_t b) {
+  const __m256 dx = _mm256_loadu_ps(tile.d_t + b * kTile);
+  const __m256 sum = _mm256_loadu_ps(tile.sum_t + b * kTile);
+  return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c), dx), sum));
+}
+
+// q4_0 / q4_1's odd last block for each row (its offset term goes through offsets_vnni).
+template <int R>
+LMARITH_VNNI inline void q4_tail(const uint8_t* block, int64_t qs, const ActTile& tile,
+                                 int64_t b, float* tail) {
+  const __m256i u = nibbles_vnni(block + qs);
+  const float d = half_vnni(block);
+  for (int r = 0; r < R; ++r) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_at(tile, r, b)));
+    const float dot = hsum_vnni(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x));
+    tail[r] = d * tile.d[r * tile.nb + b] * dot;
+  }
+}
+
+// q4_0 (kHasMin false: w = d * (q - 8)) and q4_1 (true: w = d * q + m).
+template <bool kHasMin, int R>
+LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
+                            int64_t num_blocks, float* out, int64_t stride) {
+  constexpr int64_t kBytes = kHasMin ? 20 : 18, kQs = kHasMin ? 4 : 2;
+  __m512 acc[R];
+  float tail[R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m256 offsets = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= num_blocks; b += 2) {
+    const uint8_t* block = row + b * kBytes;
+    const __m512i u = join_vnni(nibbles_vnni(block + kQs), nibbles_vnni(block + kBytes + kQs));
+    __m512i dots[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      dots[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u,
+                                    _mm512_loadu_si512(x_at(tile, r, b)));
+    const float d0 = half_vnni(block), d1 = half_vnni(block + kBytes);
+    scale_add_vnni<R>(acc, dots, pair_scale(d0, d1), tile, b);
+    offsets = offsets_vnni(offsets, kHasMin ? half_vnni(block + 2) : d0, tile, b);
+    offsets = offsets_vnni(offsets, kHasMin ? half_vnni(block + kBytes + 2) : d1, tile, b + 1);
+  }
+  if (b < num_blocks) {
+    const uint8_t* block = row + b * kBytes;
+    q4_tail<R>(block, kQs, tile, b, tail);
+    offsets = offsets_vnni(offsets, half_vnni(kHasMin ? block + 2 : block), tile, b);
+  }
+  store_vnni<R>(acc, tail, offsets, kHasMin ? 1.0f : -8.0f, out, stride);
+}
+
+// One tile height R over the weight rows: the row kernel inlined into the loop.
+#define LMARITH_ROWS(KERNEL)                                           \
+  for (int64_t i = 0; i < count; ++i)                                  \
+    KERNEL(rows + i * row_bytes, tile, num_blocks, out + i, stride)
+#define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_vnni<R>)
+#define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_vnni<kHasMin, R>))
+
+// The TileDots: the tile height picked at run time, once per call.
+LMARITH_VNNI void q8_0_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                                 const ActTile& tile, int64_t num_blocks, float* out,
+                                 int64_t stride) {
+  LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q8_0)
+}
+
+template <bool kHasMin>
+LMARITH_VNNI void q4_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                               const ActTile& tile, int64_t num_blocks, float* out,
+                               int64_t stride) {
+  LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q4)
+}
+
+}  // namespace
+
+TileDot vnni_tile_dot(QuantType qtype) {
+  switch (qtype) {
+    case QuantType::kQ8_0: return q8_0_tile_vnni;
+    case QuantType::kQ4_0: return q4_tile_vnni<false>;
+    case QuantType::kQ4_1: return q4_tile_vnni<true>;
+    default: return nullptr;
+  }
+}
+
+}  // namespace quant
+}  // namespace lmarith
+
+#else  // not x86: the scalar kernels only
+
+namespace lmarith {
+namespace quant {
+TileDot vnni_tile_dot(QuantType) { return nullptr; }
+}  // namespace quant
+}  // namespace lmarith
+
+#endif
