@@ -308,8 +308,8 @@ class Linear(Formula):
             alone = len(self.items) == 1       # "1*M()" keeps a one-item sum a sum when read back
             body = str(child) if size == 1 and not alone else f"{number_text(size)}*{_operand(child)}"
             pieces.append(("-" if weight < 0 else "+", body))
-        if not pieces:
-            return "Constant(0)"
+        if not pieces:           # an empty sum (m - m): "0*Constant(0)" reads back as one
+            return "0*Constant(0)"
         first_sign, first = pieces[0]
         return ("-" if first_sign == "-" else "") + first + "".join(
             f" {sign} {body}" for sign, body in pieces[1:])
