@@ -33,14 +33,7 @@ def isa_supported(isa: str) -> bool:
 
 def quant_matmul(x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
     """Runs lmarith._C.quant_matmul: x [M, K] float32/bfloat16 -> [M, N] float32."""
-    x = x.contiguous() if x.dtype == torch.bfloat16 else x.to(torch.float32).contiguous()
-    data = weight.data.contiguous()
-    m, k = x.shape
-    out = torch.empty((m, weight.out_features), dtype=torch.float32)
-    cpp._C.quant_matmul(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, data.data_ptr(),
-                        QTYPE_CODES[weight.qtype], weight.out_features, weight.row_bytes,
-                        isa_code(), out.data_ptr())
-    return out
+    return prepared(weight)(x)
 
 
 def prepared(weight: QuantWeight):

@@ -67,6 +67,12 @@ using TileDot = void (*)(const uint8_t* rows, int64_t row_bytes, int64_t count,
     default: CALL(8); break;             \
   }
 
+// One tile height R over a TileDot's weight rows (its parameters rows, row_bytes, count,
+// tile, num_blocks, out, stride in scope): the row kernel inlined into the loop.
+#define LMARITH_ROWS(KERNEL)                                           \
+  for (int64_t i = 0; i < count; ++i)                                  \
+    KERNEL(rows + i * row_bytes, tile, num_blocks, out + i, stride)
+
 // IEEE binary16 bits -> float (subnormals, inf and NaN included); the scalar path's decoder.
 inline float half_to_float(uint16_t half) {
   const uint32_t sign = static_cast<uint32_t>(half & 0x8000u) << 16;

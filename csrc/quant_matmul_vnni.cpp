@@ -163,10 +163,6 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
   store_vnni<R>(acc, tail, offsets, kHasMin ? 1.0f : -8.0f, out, stride);
 }
 
-// One tile height R over the weight rows: the row kernel inlined into the loop.
-#define LMARITH_ROWS(KERNEL)                                           \
-  for (int64_t i = 0; i < count; ++i)                                  \
-    KERNEL(rows + i * row_bytes, tile, num_blocks, out + i, stride)
 #define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_vnni<R>)
 #define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_vnni<kHasMin, R>))
 

@@ -114,10 +114,6 @@ LMARITH_AVX2 inline void q4_avx2(const uint8_t* row, const ActTile& tile,
   store_avx2<R>(acc, offsets, kHasMin ? 1.0f : -8.0f, out, stride);
 }
 
-// One tile height R over the weight rows: the row kernel inlined into the loop.
-#define LMARITH_ROWS(KERNEL)                                           \
-  for (int64_t i = 0; i < count; ++i)                                  \
-    KERNEL(rows + i * row_bytes, tile, num_blocks, out + i, stride)
 #define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_avx2<R>)
 #define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_avx2<kHasMin, R>))
 

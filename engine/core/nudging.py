@@ -5,14 +5,14 @@ sequences match, rolling KV back where a draft was cut. After the step `advance`
 nudging request's tokens in one batched call and moves each round on."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Optional
 
 import torch
 
 from ..decoding import DecodeRow, next_tokens
-from ..decoding.nudging import NudgingState, Phase, Probe, Side, Take, Wait, candidates, decide, decode_after
+from ..decoding.nudging import (NudgingState, Phase, Probe, Side, Take, Wait, candidates,
+                                common_prefix, decide, decode_after)
 from ..decoding.nudging.state import Lookahead
 from ..decoding.nudging.words import clean_text
 from ..kv_cache import BlockManager
@@ -56,10 +56,7 @@ def reserve(request: Request, block_manager: BlockManager, copy_page) -> None:
 def _reconcile(seq: Sequence, ids: list[int], first_needed: int, block_manager: BlockManager,
                copy_page) -> None:
     """Make seq hold ids, recomputing from first_needed at the latest (its logits are wanted)."""
-    keep = 0
-    limit = min(len(seq.token_ids), len(ids), first_needed)
-    while keep < limit and seq.token_ids[keep] == ids[keep]:
-        keep += 1
+    keep = min(common_prefix(seq.token_ids, ids), first_needed)
     if keep < len(seq.token_ids):
         block_manager.truncate(seq, keep)
     seq.num_computed = min(seq.num_computed, keep)
@@ -132,7 +129,7 @@ def _rows(request: Request, side: Side, length: int, logits) -> list[torch.Tenso
 
 def _jobs(request: Request, logits) -> list[tuple]:
     state = request.nudging
-    base_params = dataclasses.replace(request.params, logprobs=1, max_tokens=1)
+    base_params = state.base_params
     jobs = []
     slots = state.needs
     if state.phase is Phase.BASE and state.base.slots[0] in slots:
@@ -162,7 +159,7 @@ def _apply(request: Request, kind: str, word: Optional[int], sampled, take_piece
             state.base.tokenizer, ids + [sampled.token], len(ids))
         state.probes[word] = Probe(sampled.token, text, top_prob)
         return
-    if top_prob < state.gamma and state.base_text_complete:
+    if top_prob < state.gamma and state.run_complete:
         if state.lookahead is not None:    # the new round waits for the whole draft
             state.lookahead.base_idle = state.lookahead.round_pending = True
         else:

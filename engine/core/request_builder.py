@@ -2,6 +2,7 @@
 every check a user can fail happens here, before anything is queued or reaches a kernel."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from dataclasses import dataclass
@@ -192,7 +193,8 @@ class RequestBuilder:
             raise FormulaError("Nudging(handover='tokens') needs one tokenizer on both sides; these "
                                "differ, so use handover='auto' (text hand-offs)")
         state = NudgingState(sides[0], sides[1], formula.gamma, formula.max_nudge_tokens,
-                             formula.full_drafts, shared_tokens=same and formula.handover != "text")
+                             formula.full_drafts, shared_tokens=same and formula.handover != "text",
+                             base_params=dataclasses.replace(params, logprobs=1, max_tokens=1))
         state.start_round()
         return state
 

@@ -99,13 +99,7 @@ class Scheduler:
             nudging.reserve(request, self.block_manager, self.copy_page)
             return True
         except CacheExhaustedError:
-            for seq in request.sequences:
-                if self.block_manager.is_live(seq):
-                    self.block_manager.preempt(seq)
-                seq.reset([])
-            self.running.remove(request)
-            request.status = RequestStatus.WAITING
-            self.waiting.appendleft(request)
+            self._requeue(request)
             return False
 
     def _reserve_decode(self, request: Request) -> bool:
@@ -243,6 +237,12 @@ class Scheduler:
 
     def preempt(self, request: Request) -> None:
         """Free all the request's pages; it re-enters the queue first and recomputes later."""
+        self._requeue(request)
+        request.num_preemptions += 1
+        self.counters.preemptions += 1
+
+    def _requeue(self, request: Request) -> None:
+        """Back to the head of the queue with no pages, to be recomputed when admitted."""
         for seq in request.sequences:
             if self.block_manager.is_live(seq):
                 self.block_manager.preempt(seq)
@@ -251,8 +251,6 @@ class Scheduler:
             request.spec_state.reset()
         self.running.remove(request)
         request.status = RequestStatus.WAITING
-        request.num_preemptions += 1
-        self.counters.preemptions += 1
         self.waiting.appendleft(request)
 
     def finish(self, request: Request, reason: str, error: Optional[BaseException] = None) -> None:

@@ -71,6 +71,8 @@ class NudgingState:
     draws: int = 0                      # random draws so far (each its own sampler step)
     rounds: int = 0
     needs: dict[int, int] = field(default_factory=dict)   # slot -> first position with logits
+    base_params: Any = None             # the request's SamplingParams with logprobs=1 (top-1)
+    run_complete: bool = True           # the base's run so far decodes to whole characters
     lookahead: Optional[Lookahead] = None
 
     @property
@@ -125,7 +127,7 @@ class NudgingState:
         if self.shared_tokens:
             self.nudger.ids = list(self.base.ids)
         self.text += piece
-        self.run_start, self.run_chars = len(self.base.ids), 0
+        self.run_start, self.run_chars, self.run_complete = len(self.base.ids), 0, True
         return ids, piece
 
     def _draft_tokens(self, piece: str) -> list[int]:
@@ -142,17 +144,13 @@ class NudgingState:
         self.base.ids.append(token)
         if self.shared_tokens:
             self.nudger.ids = list(self.base.ids)
-        run = clean_text(decode_after(self.base.tokenizer, self.base.ids, self.run_start))
+        whole = decode_after(self.base.tokenizer, self.base.ids, self.run_start)
+        run = clean_text(whole)
+        self.run_complete = run == whole      # False while a character's bytes are coming
         delta = run[self.run_chars:]
         self.run_chars = len(run)
         self.text += delta
         return delta
-
-    @property
-    def base_text_complete(self) -> bool:
-        """False while the base's last tokens are bytes of an unfinished character."""
-        run = decode_after(self.base.tokenizer, self.base.ids, self.run_start)
-        return run == clean_text(run)
 
     def roll_back(self) -> None:
         """Undo everything since the lookahead began (the whole draft ends the answer)."""
@@ -161,7 +159,7 @@ class NudgingState:
         del self.base.ids[look.base_len:]
         if self.shared_tokens:
             self.nudger.ids = list(self.base.ids)
-        self.run_start, self.run_chars = len(self.base.ids), 0
+        self.run_start, self.run_chars, self.run_complete = len(self.base.ids), 0, True
         self.lookahead = None
 
     def note_words(self, words: str) -> bool:

@@ -91,26 +91,26 @@ class GGUFFile:
         alignment = self.metadata.get("general.alignment", 32)
         self.data_start = -(-cursor.pos // alignment) * alignment
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor as float32, dequantised if needed, in numpy/PyTorch axis order."""
-        info = self.tensors[name]
+    def _stored(self, info: TensorInfo) -> np.ndarray:
+        """A view of the tensor's bytes in the memory map, [rows, row_bytes]."""
         block, block_bytes = GGML_QUANT_SIZES[info.qtype]
         rows = int(np.prod(info.shape[:-1], dtype=np.int64))
         row_bytes = info.shape[-1] // block * block_bytes
         start = self.data_start + info.offset
-        raw = self.data[start:start + rows * row_bytes].reshape(*info.shape[:-1], row_bytes)
+        return self.data[start:start + rows * row_bytes].reshape(rows, row_bytes)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor as float32, dequantised if needed, in numpy/PyTorch axis order."""
+        info = self.tensors[name]
+        stored = self._stored(info)
+        raw = stored.reshape(*info.shape[:-1], stored.shape[-1])
         if info.qtype in PLAIN:
             return torch.from_numpy(raw.view(PLAIN[info.qtype]).astype(np.float32))
         return torch.from_numpy(np.ascontiguousarray(dequantize(raw, info.qtype), dtype=np.float32))
 
     def raw(self, name: str) -> torch.Tensor:
         """One tensor's stored bytes as uint8 [rows, row_bytes] (a copy), quantized or not."""
-        info = self.tensors[name]
-        block, block_bytes = GGML_QUANT_SIZES[info.qtype]
-        rows = int(np.prod(info.shape[:-1], dtype=np.int64))
-        row_bytes = info.shape[-1] // block * block_bytes
-        start = self.data_start + info.offset
-        return torch.from_numpy(np.array(self.data[start:start + rows * row_bytes]).reshape(rows, row_bytes))
+        return torch.from_numpy(np.array(self._stored(self.tensors[name])))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(GGUF name, float32 tensor) for every tensor, read lazily."""
