@@ -53,8 +53,9 @@ def _positive_int(name: str, value) -> int:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What one engine may use: KV budget in bytes, running requests, tokens computed per
-    step (longer prompts are chunked), tokens per KV page, device and CPU threads."""
+    """What one engine may use: KV budget in bytes (per tensor-parallel rank), running
+    requests, tokens computed per step (longer prompts are chunked), tokens per KV page,
+    device, CPU threads (per rank) and the tensor-parallel size (ranks per replica)."""
 
     kv_cache_bytes: int
     max_num_seqs: int = 64
@@ -62,9 +63,11 @@ class EngineConfig:
     page_tokens: int = 16
     device: str = "cpu"
     num_threads: Optional[int] = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "page_tokens"):
+        for name in ("kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "page_tokens",
+                     "tensor_parallel_size"):
             _positive_int(name, getattr(self, name))
         if self.num_threads is not None:
             _positive_int("num_threads", self.num_threads)

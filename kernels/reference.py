@@ -55,13 +55,16 @@ def row_key(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return mix32(key ^ (step.to(torch.int64) & MASK32))
 
 
-def uniform(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Counter-based uniforms u[b, x] in (0, 1), float32, keyed by (seed[b], step[b], x).
+def uniform(seed: torch.Tensor, step: torch.Tensor, vocab_size: int,
+            first_token: int = 0) -> torch.Tensor:
+    """Counter-based uniforms u[b, x] in (0, 1), float32, keyed by (seed[b], step[b], x), for
+    the tokens x = first_token .. first_token + vocab_size - 1 (one shard of a vocabulary).
 
     u = ((h >> 9) + 0.5) * 2**-23 with h = mix32(row_key ^ x): 23 bits + 0.5 fit float32's
     24-bit mantissa exactly, so u lies in [2**-24, 1 - 2**-24], never 0 or 1.
     """
-    tokens = torch.arange(vocab_size, dtype=torch.int64, device=seed.device)
+    tokens = torch.arange(first_token, first_token + vocab_size, dtype=torch.int64,
+                          device=seed.device)
     return uniform_from_hash(mix32(row_key(seed, step)[:, None] ^ tokens[None, :]))
 
 
@@ -70,9 +73,10 @@ def uniform_from_hash(hashed: torch.Tensor) -> torch.Tensor:
     return ((hashed >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
 
 
-def gumbel(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def gumbel(seed: torch.Tensor, step: torch.Tensor, vocab_size: int,
+           first_token: int = 0) -> torch.Tensor:
     """-log(-log(u)) in float32: adding it and taking argmax is the exponential race."""
-    u = uniform(seed, step, vocab_size)
+    u = uniform(seed, step, vocab_size, first_token)
     return -torch.log(-torch.log(u))
 
 
@@ -98,28 +102,27 @@ def _row_blocks(log_probs: torch.Tensor, weights: torch.Tensor, consts: torch.Te
 
 
 def plausible_tokens(log_probs: torch.Tensor, mask_weights: torch.Tensor,
-                     mask_log_alpha: torch.Tensor) -> torch.Tensor:
-    """The plausibility mask [B, V]: True where a token is kept (see the module docstring)."""
+                     mask_log_alpha: torch.Tensor, reduce_max=None) -> torch.Tensor:
+    """The plausibility mask [B, V]: True where a token is kept (see the module docstring).
+    reduce_max turns this block's row maxima [B, 1] into the whole vocabulary's (for shards)."""
     scores, _ = _row_blocks(log_probs, mask_weights.float()[:, None, :],
                             torch.zeros_like(mask_weights[:, :1], dtype=torch.float32))
     scores = scores[:, 0, :]
-    row_max = scores.max(dim=-1, keepdim=True).values
+    row_max = scores.max(dim=-1, keepdim=True).values if scores.shape[-1] else \
+        torch.full_like(scores[:, :1], float("-inf"))
+    row_max = row_max if reduce_max is None else reduce_max(row_max)
     log_alpha = mask_log_alpha.float()[:, None]
     threshold = torch.where(row_max == float("-inf"), float("inf"), row_max + log_alpha)
     return (log_alpha == float("-inf")) | (scores >= threshold)
 
 
-def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
-            group_coefs: torch.Tensor, group_kinds: torch.Tensor,
-            mask_weights: torch.Tensor | None = None, mask_log_alpha: torch.Tensor | None = None):
-    """Evaluate a compiled formula plan on stacked raw logits; see the module docstring.
-
-    logits [T, B, V] (any float dtype); weights [B, R, T] f32; consts [B, R] f32;
-    group_coefs [B, G] f32; group_kinds [B, G] int32 (+1 max, -1 min); optional
-    plausibility mask mask_weights [B, T] f32 and mask_log_alpha [B] f32 (-inf: row unmasked).
-    Returns (log_probs [B, V] f32, lse [B] f32).
-    """
-    log_probs = _term_log_probs(logits)
+def plan_scores(log_probs: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
+                group_coefs: torch.Tensor, group_kinds: torch.Tensor,
+                mask_weights: torch.Tensor | None = None, mask_log_alpha: torch.Tensor | None = None,
+                reduce_max=None) -> torch.Tensor:
+    """The plan's unnormalised scores [B, V] from the terms' log-probs [T, B, V]: every step of
+    combine but the final log-sum-exp. Pointwise in V except the mask's row maximum, which
+    reduce_max completes when the columns are one shard of the vocabulary."""
     values, norms = _row_blocks(log_probs, weights.float(), consts.float())
     total = values[:, 0, :]
     total_norm = norms[:, 0:1].expand_as(total).clone()
@@ -135,10 +138,24 @@ def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
                             total + torch.where(active, coef * picked, 0.0))
         total_norm = total_norm + torch.where(active, coef * picked_norm, 0.0)
     if mask_weights is not None:
-        total = total.masked_fill(~plausible_tokens(log_probs, mask_weights, mask_log_alpha),
-                                  float("-inf"))
+        kept = plausible_tokens(log_probs, mask_weights, mask_log_alpha, reduce_max)
+        total = total.masked_fill(~kept, float("-inf"))
     scores = torch.where(total_norm != 0, total / torch.where(total_norm != 0, total_norm, 1.0), total)
-    scores = torch.where(torch.isnan(scores), float("-inf"), scores)
+    return torch.where(torch.isnan(scores), float("-inf"), scores)
+
+
+def combine(logits: torch.Tensor, weights: torch.Tensor, consts: torch.Tensor,
+            group_coefs: torch.Tensor, group_kinds: torch.Tensor,
+            mask_weights: torch.Tensor | None = None, mask_log_alpha: torch.Tensor | None = None):
+    """Evaluate a compiled formula plan on stacked raw logits; see the module docstring.
+
+    logits [T, B, V] (any float dtype); weights [B, R, T] f32; consts [B, R] f32;
+    group_coefs [B, G] f32; group_kinds [B, G] int32 (+1 max, -1 min); optional
+    plausibility mask mask_weights [B, T] f32 and mask_log_alpha [B] f32 (-inf: row unmasked).
+    Returns (log_probs [B, V] f32, lse [B] f32).
+    """
+    scores = plan_scores(_term_log_probs(logits), weights, consts, group_coefs, group_kinds,
+                         mask_weights, mask_log_alpha)
     lse = torch.logsumexp(scores, dim=-1)
     return scores - lse[:, None], lse
 

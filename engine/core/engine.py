@@ -13,16 +13,26 @@ from typing import Callable, Iterable, Optional, Sequence as Seq, Union
 import torch
 
 from ..config import EngineConfig, ModelSpec
+from ..decoding import next_tokens
+from ..decoding.vocab_shards import can_shard
 from ..errors import CacheExhaustedError, RequestAbortedError
 from ..kv_cache import BlockManager
 from ..outputs import EngineStats
-from ..worker import ForwardItem, Worker
+from ..worker import ForwardItem, ParallelWorker, Worker
 from .request import Request
 from .request_builder import NewRequest, RequestBuilder
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 
 Accepted = Callable[[Union[list[Request], BaseException]], None]
+
+
+def needs_full_logits(request: Request) -> bool:
+    """With tensor parallelism: True when a request's logits must be gathered whole (its
+    draw uses more than the per-row statistics the shards reduce: speculation, nudging,
+    formulas without a fused plan, classifiers, top-p, logprobs)."""
+    return (request.speculation is not None or request.nudging is not None
+            or request.classifier is not None or not can_shard(request.plan, request.params))
 
 
 @dataclass
@@ -39,13 +49,17 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, models: Seq[ModelSpec] = ()) -> None:
         self.config = config
-        self.worker = Worker(config)
+        self.worker = ParallelWorker(config) if config.tensor_parallel_size > 1 else Worker(config)
         self.builder = RequestBuilder(self.worker)
         self.scheduler: Optional[Scheduler] = None
         self._deferred: deque[Submission] = deque()
         if models:
-            self.load_models(models)
-            self._new_pool()
+            try:
+                self.load_models(models)
+                self._new_pool()
+            except BaseException:
+                self.worker.shutdown()
+                raise
 
     def load_models(self, specs: Iterable[ModelSpec]) -> None:
         """Load models (all or none); any thread, without stalling the running requests."""
@@ -104,9 +118,10 @@ class LLMEngine:
         """A new arena and a scheduler over it (the running totals carry over)."""
         pool = self.worker.build_pool()
         counters = self.scheduler.counters if self.scheduler is not None else None
-        self.scheduler = Scheduler(BlockManager(pool.num_pages), pool.copy_page,
+        decode = self.worker.next_tokens if isinstance(self.worker, ParallelWorker) else next_tokens
+        self.scheduler = Scheduler(BlockManager(pool.num_pages), self.worker.copy_page,
                                    self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   counters)
+                                   counters, decode)
 
     def step(self) -> list[Request]:
         """Run one step; returns the requests whose output changed."""
@@ -126,21 +141,21 @@ class LLMEngine:
         request with a term on a model whose forward raised is reported as failed."""
         work: dict[ModelSpec, list[tuple[Request, Sequence, ForwardItem]]] = {}
         for request, pieces in batch.work:
+            full = needs_full_logits(request)
             for seq, count, wanted in pieces:
                 item = ForwardItem(seq.token_ids, seq.block_table, seq.num_computed, count,
-                                   num_logits=wanted)
+                                   num_logits=wanted, full_logits=full)
                 work.setdefault(seq.model, []).append((request, seq, item))
-        results = self.worker.execute({spec: [item for _, _, item in entries]
-                                       for spec, entries in work.items()})
+        results = self.worker.execute_items({spec: [item for _, _, item in entries]
+                                             for spec, entries in work.items()})
         logits: dict[Sequence, torch.Tensor] = {}
         failed: dict[Request, BaseException] = {}
         for spec, entries in work.items():
-            rows = results[spec]
-            if isinstance(rows, BaseException):
-                failed.update((request, rows) for request, _, _ in entries)
+            blocks = results[spec]
+            if isinstance(blocks, BaseException):
+                failed.update((request, blocks) for request, _, _ in entries)
                 continue
-            sizes = [item.num_logits for _, _, item in entries]
-            for (_, seq, item), block in zip(entries, torch.split(rows, sizes)):
+            for (_, seq, item), block in zip(entries, blocks):
                 if item.num_logits:
                     logits[seq] = block
         return logits, failed
@@ -154,6 +169,10 @@ class LLMEngine:
             f"request {request.request_id} could not be scheduled: the KV pool is too small; "
             "raise kv_cache_bytes"))
         return [request]
+
+    def close(self) -> None:
+        """Release the worker (stops tensor-parallel ranks); after fail_all."""
+        self.worker.shutdown()
 
     def abort(self, request: Request) -> None:
         """Drop a request and free its pages (a client went away)."""

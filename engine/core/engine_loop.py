@@ -123,6 +123,7 @@ class EngineLoop:
         """Fail what is in flight and every command that arrived after the stop."""
         closed = RequestAbortedError("the LLM was shut down")
         self._deliver(self.engine.fail_all(closed))
+        self.engine.close()
         while True:
             try:
                 leftover.append(self._commands.get_nowait())

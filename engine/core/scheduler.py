@@ -49,9 +49,11 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager, copy_page: Callable[[int, int], None],
                  max_num_seqs: int, max_num_batched_tokens: int,
-                 counters: Optional[SchedulerCounters] = None) -> None:
+                 counters: Optional[SchedulerCounters] = None,
+                 decode: Callable[[list[DecodeRow]], list] = next_tokens) -> None:
         self.block_manager = block_manager
         self.copy_page = copy_page
+        self.decode = decode            # next_tokens, or the tensor-parallel draw on shards
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -189,7 +191,7 @@ class Scheduler:
         rows = [DecodeRow(r.formula, r.plan, [logits[seq][-1] for seq in r.sequences], r.params,
                           r.seed, len(r.output_ids), r.classifier and r.classifier.at(r.output_ids))
                 for r in sampling]
-        for request, token in zip(sampling, next_tokens(rows) if rows else []):
+        for request, token in zip(sampling, self.decode(rows) if rows else []):
             self._take_token(request, token)
         if speculative:
             self._settle(speculative)

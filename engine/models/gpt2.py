@@ -9,6 +9,7 @@ from torch import nn
 from lmarith.models.attention import AttentionMetadata, KVCache, paged_self_attention
 from lmarith.models.config import ModelConfig
 from lmarith.models.layers import CausalLMHead, WeightFiller, activation
+from lmarith.models.sharding import Split
 
 # HF GPT-2 stores these as Conv1D weights [in, out]; nn.Linear wants [out, in].
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -28,13 +29,17 @@ class GPT2Attention(nn.Module):
         scale = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if config.scale_attn_by_inverse_layer_idx else scale
 
+    def shard_heads(self, world_size: int) -> None:
+        """Keep 1/world_size of the heads (tensor parallelism split c_attn by heads)."""
+        self.num_heads //= world_size
+
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         """Attend the new tokens x [N, hidden] over their cached context; writes their K/V."""
-        num_tokens, hidden = x.shape
+        num_tokens = x.shape[0]
         qkv = self.c_attn(x).view(num_tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)
         out = paged_self_attention(q, k, v, cache, meta, self.scale)
-        return self.c_proj(out.reshape(num_tokens, hidden))
+        return self.c_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class GPT2MLP(nn.Module):
@@ -90,6 +95,13 @@ class GPT2LMHeadModel(CausalLMHead):
 
     def input_embedding(self) -> nn.Embedding:
         return self.transformer.wte
+
+    def tensor_parallel_plan(self) -> dict[str, Split]:
+        """How each layer splits over tensor-parallel ranks (see models/sharding.py)."""
+        hidden = self.config.hidden_size
+        return {"c_attn": Split("column", (hidden,) * 3),
+                "c_fc": Split("column", (self.config.intermediate_size,)),
+                "c_proj": Split("row"), "wte": Split("vocab"), "lm_head": Split("head")}
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -14,6 +14,7 @@ from lmarith.models.attention import AttentionMetadata, KVCache, paged_self_atte
 from lmarith.models.config import ModelConfig
 from lmarith.models.layers import (CausalLMHead, GatedMLP, RMSNorm, RotaryEmbedding, WeightFiller,
                                    apply_rotary)
+from lmarith.models.sharding import Split
 
 
 class LlamaAttention(nn.Module):
@@ -32,6 +33,11 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.scale = self.head_dim ** -0.5
         self.window = config.sliding_window(layer)
+
+    def shard_heads(self, world_size: int) -> None:
+        """Keep 1/world_size of the heads (tensor parallelism split qkv_proj by heads)."""
+        self.num_heads, self.num_kv_heads = self.num_heads // world_size, self.num_kv_heads // world_size
+        self.sizes = [size // world_size for size in self.sizes]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
@@ -93,6 +99,15 @@ class LlamaForCausalLM(CausalLMHead):
 
     def input_embedding(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def tensor_parallel_plan(self) -> dict[str, Split]:
+        """How each layer splits over tensor-parallel ranks (see models/sharding.py)."""
+        config = self.config
+        kv = config.num_kv_heads * config.head_dim
+        return {"qkv_proj": Split("column", (config.num_heads * config.head_dim, kv, kv)),
+                "o_proj": Split("row"), "down_proj": Split("row"),
+                "gate_up_proj": Split("column", (config.intermediate_size,) * 2),
+                "embed_tokens": Split("vocab"), "lm_head": Split("head")}
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

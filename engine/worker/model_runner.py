@@ -3,15 +3,18 @@ every sequence (of every term and request) that uses this model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..config import ModelSpec
+from ..distributed import Communicator, VocabRange
 from ..errors import ModelLoadError
 from ..kv_cache.pool import ModelCacheView
 from ..models.attention import build_metadata
 from ..models.loading import load_model, load_tokenizer
 from ..models.packed_linear import pack_linears
+from ..models.sharding import local_config, shard_model
 
 
 @dataclass
@@ -24,22 +27,39 @@ class ForwardItem:
     start: int
     count: int
     num_logits: int = 1
+    full_logits: bool = True    # tensor parallel: gather every vocabulary shard of its logits
+    ids_offset: int = 0         # token_ids[0] is the token at this position
+
+    def new_token_ids(self) -> list[int]:
+        """The ids this step computes."""
+        first = self.start - self.ids_offset
+        return self.token_ids[first: first + self.count]
+
+    def compact(self) -> "ForwardItem":
+        """The same item carrying only the ids this step computes (cheap to send to ranks)."""
+        return ForwardItem(self.new_token_ids(), self.block_table, self.start, self.count,
+                           self.num_logits, self.full_logits, self.start)
 
 
 class ModelRunner:
     """Runs one model's batched forward over paged KV for a list of ForwardItems."""
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu") -> None:
+    def __init__(self, spec: ModelSpec, device: str = "cpu",
+                 comm: Optional[Communicator] = None) -> None:
         self.spec = spec
         self.device = device
         self.model = load_model(spec.path, spec.torch_dtype, device, spec.quantization)
-        self.num_packed_linears = pack_linears(self.model) if device == "cpu" else 0
         self.config = self.model.config
         self.tokenizer = load_tokenizer(spec.path)
         self.vocab_size = len(self.tokenizer)
         if self.vocab_size > self.config.vocab_size:
             raise ModelLoadError(f"{spec.path}: the tokenizer has {self.vocab_size} tokens but the "
                                  f"model only {self.config.vocab_size} logits")
+        self.vocab = VocabRange(0, self.vocab_size)     # the logits' columns this rank computes
+        if comm is not None and comm.world_size > 1:
+            self.vocab = shard_model(self.model, comm, self.vocab_size)
+            self.config = local_config(self.config, comm.world_size)
+        self.num_packed_linears = pack_linears(self.model) if device == "cpu" else 0
 
     @property
     def max_context(self) -> int:
@@ -49,7 +69,7 @@ class ModelRunner:
         """One forward over all items; returns logits [sum(num_logits), vocab] in item order."""
         input_ids, positions, logit_rows = [], [], []
         for item in items:
-            input_ids += item.token_ids[item.start: item.start + item.count]
+            input_ids += item.new_token_ids()
             positions += range(item.start, item.start + item.count)
             end = len(input_ids)
             logit_rows += range(end - item.num_logits, end)
@@ -59,4 +79,4 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, pos, meta, cache.layers)
         rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden[rows])[:, : self.vocab_size]
+        return self.model.compute_logits(hidden[rows])[:, : self.vocab.size]

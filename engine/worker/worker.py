@@ -11,15 +11,19 @@ from typing import Iterable, Optional, Union
 import torch
 
 from ..config import EngineConfig, ModelSpec
+from ..distributed import Communicator
 from ..kv_cache.pool import KVCachePool
 from .model_runner import ForwardItem, ModelRunner
+
+Results = dict[ModelSpec, Union[torch.Tensor, Exception]]
 
 
 class Worker:
     """Loaded models (ModelRunner per ModelSpec), the KV pool, and the per-step forwards."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, comm: Optional[Communicator] = None) -> None:
         self.config = config
+        self.comm = comm            # a tensor-parallel rank's group: models load sharded
         self.runners: dict[ModelSpec, ModelRunner] = {}
         self.pool: Optional[KVCachePool] = None
         self.forward_calls: Counter[ModelSpec] = Counter()
@@ -31,8 +35,14 @@ class Worker:
         """Load every spec not loaded yet; if any fails, none of them is registered."""
         with self._load_lock:
             missing = [spec for spec in dict.fromkeys(specs) if spec not in self.runners]
-            loaded = {spec: ModelRunner(spec, self.config.device) for spec in missing}
+            loaded = {spec: ModelRunner(spec, self.config.device, self.comm) for spec in missing}
             self.runners.update(loaded)
+
+    def unload(self, specs: Iterable[ModelSpec]) -> None:
+        """Forget models that no request uses (undoes a load that failed on another rank)."""
+        with self._load_lock:
+            for spec in specs:
+                self.runners.pop(spec, None)
 
     def needs_new_pool(self, specs: Iterable[ModelSpec]) -> bool:
         """True when there is no pool yet or one of these models' tokens does not fit a page."""
@@ -52,10 +62,9 @@ class Worker:
         for spec in specs:
             self.pool.add_view(spec, self.runners[spec].config)
 
-    def execute(self, work: dict[ModelSpec, list[ForwardItem]]
-                ) -> dict[ModelSpec, Union[torch.Tensor, Exception]]:
+    def execute(self, work: dict[ModelSpec, list[ForwardItem]]) -> Results:
         """One forward per model: its logits rows in item order, or the exception it raised."""
-        results: dict[ModelSpec, Union[torch.Tensor, Exception]] = {}
+        results: Results = {}
         for spec, items in work.items():
             self.forward_calls[spec] += 1
             try:
@@ -63,3 +72,18 @@ class Worker:
             except Exception as error:  # isolate: only this model's requests fail
                 results[spec] = error
         return results
+
+    def execute_items(self, work: dict[ModelSpec, list[ForwardItem]]
+                      ) -> dict[ModelSpec, Union[list[torch.Tensor], Exception]]:
+        """execute, with each model's logits cut into one block per item (num_logits rows)."""
+        results = self.execute(work)
+        return {spec: rows if isinstance(rows, Exception)
+                else list(torch.split(rows, [item.num_logits for item in work[spec]]))
+                for spec, rows in results.items()}
+
+    def copy_page(self, source: int, target: int) -> None:
+        """Copy-on-write: duplicate one page of the pool."""
+        self.pool.copy_page(source, target)
+
+    def shutdown(self) -> None:
+        """Nothing to release in one process."""
