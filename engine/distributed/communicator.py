@@ -5,12 +5,27 @@ same collectives in the same order."""
 from __future__ import annotations
 
 import pickle
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass
+class CommStats:
+    """What one rank's collectives cost so far: calls, bytes it sent in, seconds waited."""
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def add(self, tensor: torch.Tensor, started: float) -> None:
+        self.calls += 1
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.seconds += time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class Communicator:
     def __init__(self, rank: int, world_size: int, store: Optional[dist.Store] = None,
                  device: str = "cpu", timeout_s: float = 300.0) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.stats = CommStats()
         self.group = self.cpu_group = None
         if world_size > 1:   # objects go over gloo; tensors over NCCL when they live on CUDA
             timeout = timedelta(seconds=timeout_s)
@@ -61,17 +77,21 @@ class Communicator:
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce in place over the ranks ("sum" or "max"); returns the tensor."""
         if self.group is not None:
+            started = time.perf_counter()
             options = dist.AllreduceOptions()
             options.reduceOp = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
             self.group.allreduce([tensor], options).wait()
+            self.stats.add(tensor, started)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's tensor of the same shape, in rank order."""
         if self.group is None:
             return [tensor]
+        started = time.perf_counter()
         gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
         self.group.allgather([gathered], [tensor.contiguous()]).wait()
+        self.stats.add(tensor, started)
         return gathered
 
     def broadcast_object(self, value: Any = None) -> Any:
@@ -106,9 +126,11 @@ class Communicator:
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         if tensor.numel():
+            started = time.perf_counter()
             options = dist.BroadcastOptions()
             options.rootRank = 0
             self.cpu_group.broadcast([tensor], options).wait()
+            self.stats.add(tensor, started)
 
     def close(self) -> None:
         """Release the process group."""

@@ -75,11 +75,15 @@ def add_engine_flags(parser: argparse.ArgumentParser, max_num_seqs_default: int 
                         metavar="N", help=f"requests running at once (default {max_num_seqs_default})")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="where the models run (default cpu)")
+    parser.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
+                        help="shard every model over N ranks: processes on CPU (gloo), one GPU "
+                             "each on CUDA (NCCL); the KV budget is then per rank (default 1)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of la.LLM from the engine flags (unset ones keep LLM's defaults)."""
-    kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs, "device": args.device}
+    kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs, "device": args.device,
+                              "tensor_parallel_size": args.tensor_parallel_size}
     if args.kv_cache_bytes is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
     return kwargs

@@ -141,6 +141,10 @@ class ParallelWorker:
             refs.append(ref)
         return refs
 
+    def all_reduce_seconds(self, shape: tuple[int, ...], repeats: int = 100) -> float:
+        """The group's latency: seconds per all-reduce of a float32 tensor of this shape."""
+        return self._call("probe", tuple(shape), repeats)
+
     def shutdown(self) -> None:
         """Stop every rank (idempotent)."""
         if self._closed:

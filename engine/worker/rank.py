@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from dataclasses import replace
 from typing import Any, Union
 
@@ -100,6 +101,15 @@ class Rank:
         stacked = torch.stack([torch.stack([term(row, slot) for row in rows])
                                for slot in range(num_terms)])
         return draw(stacked, rows, vocab, self.comm)
+
+    def do_probe(self, shape: tuple[int, ...], repeats: int) -> float:
+        """Seconds per all-reduce of a float32 tensor of this shape (the group's latency)."""
+        tensor = torch.zeros(shape, device=self.comm.device)
+        self.comm.all_reduce(tensor)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            self.comm.all_reduce(tensor)
+        return (time.perf_counter() - started) / repeats
 
     def do_stop(self) -> None:
         self.comm.close()

@@ -160,3 +160,13 @@ def test_json_has_no_infinities():
     document = cli_generate.finite({"a": float("-inf"), "b": [1.5, float("nan")], "c": (2, "x")})
     assert document == {"a": None, "b": [1.5, None], "c": [2, "x"]}
     json.dumps(document, allow_nan=False)
+
+
+def test_tensor_parallel_size_flag_gives_the_same_text(llama_dir, run_cli):
+    """--tensor-parallel-size 2: two gloo ranks, the same seeded formula text as in-process."""
+    status, out, err = run_cli("generate", "--model", f"tiny={llama_dir}", "--formula", FORMULA_TEXT,
+                               "--temperature", "0.9", "--seed", "4", "--max-tokens", "6", *SMALL_KV,
+                               "--tensor-parallel-size", "2", "The cat")
+    [expected] = _generate(llama_dir, ["The cat"], la.SamplingParams(temperature=0.9, seed=4, max_tokens=6))
+    assert status == 0, err
+    assert out == expected.text + "\n"
