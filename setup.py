@@ -79,6 +79,7 @@ setup(
         "prometheus-client==0.26.0", "tqdm==4.70.1", "matplotlib==3.11.2",
     ],
     extras_require={"test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis==6.155.2",
-                             "httpx==0.28.1", "openai==3.57.0"]},
+                             "httpx==0.28.1", "openai==3.57.0"],
+                    "ray": ["ray[serve]==2.60.0"]},
     entry_points={"console_scripts": ["lmarith=lmarith.entrypoints.cli:main"]},
 )

@@ -47,3 +47,11 @@ def parse_preset_flags(values: list[str], models: dict[str, Model]) -> dict[str,
             raise ConfigError(f"--preset {name} is given twice; give each preset one name")
         presets[name] = parse_formula(text, models)
     return presets
+
+
+def models_to_load(models: dict, presets: dict) -> list:
+    """Every --model, and any other model a preset names by path, each once: all of them
+    load before the server starts, so a bad path fails now rather than on a request."""
+    specs = [model.spec for model in models.values()]
+    specs += [term.spec for preset in presets.values() for term in preset.terms]
+    return list(dict.fromkeys(specs))

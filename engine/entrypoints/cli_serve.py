@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from lmarith.entrypoints.cli_common import (UsageError, add_engine_flags, add_model_flag,
-                                            engine_kwargs, port_number)
+                                            engine_kwargs, port_number, positive_int)
 
 API_KEY_ENV = "LMARITH_API_KEY"
 EPILOG = f"""\
@@ -22,6 +22,7 @@ examples:
   lmarith serve --host 0.0.0.0 --model smol=./smollm2-dir --model big=./big.gguf:bfloat16 \\
       --preset polite="M('You are polite.') - 0.5*M('You are rude.')" \\
       --preset mix="M() + 0.5*M(model='big')" --api-key secret --kv-cache-bytes 4G
+  lmarith serve --host 0.0.0.0 --ray-replicas 4 --model smol=./smollm2-dir
 """
 
 
@@ -42,25 +43,26 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on every /v1 request "
                              f"(default: ${API_KEY_ENV}, else no key)")
+    parser.add_argument("--ray-replicas", type=positive_int, default=None, metavar="N",
+                        help="serve N replicas behind Ray Serve, each loading its own engine "
+                             "(needs: pip install \"lmarith[ray]\"; joins the Ray cluster in "
+                             "$RAY_ADDRESS, else starts a local one)")
     add_engine_flags(parser)
     parser.set_defaults(run=run)
-
-
-def models_to_load(models: dict, presets: dict) -> list:
-    """Every --model, and any other model a preset names by path, each once: all of them
-    load before the server starts, so a bad path fails now rather than on a request."""
-    specs = [model.spec for model in models.values()]
-    specs += [term.spec for preset in presets.values() for term in preset.terms]
-    return list(dict.fromkeys(specs))
 
 
 def run(args: argparse.Namespace) -> int:
     """Parse the flags (nothing loads before they are valid), load every model, serve."""
     import lmarith as la
-    from lmarith.entrypoints.arguments import parse_model_flags, parse_preset_flags
+    from lmarith.entrypoints.arguments import models_to_load, parse_model_flags, parse_preset_flags
 
     models = parse_model_flags(args.model)
     presets = parse_preset_flags(args.preset, models)
+    if args.ray_replicas:
+        from lmarith.entrypoints.ray_serve import run_ray_server
+        run_ray_server(models, presets, args.host, args.port, args.ray_replicas, args.api_key,
+                       **engine_kwargs(args))
+        return 0
     try:
         from lmarith.entrypoints.openai.server import run_server
     except ImportError as error:

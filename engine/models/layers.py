@@ -112,9 +112,16 @@ class WeightFiller:
     def __init__(self, module: nn.Module) -> None:
         self.params = dict(module.named_parameters())
         self.rows_filled = {name: 0 for name in self.params}
+        self.slicers = getattr(module, "weight_slicers", {})   # tensor parallel: this rank's share
 
     def fill(self, name: str, tensor: torch.Tensor, rows: slice | None = None) -> None:
         """Copy tensor into parameter `name`, or into its rows `rows` for fused projections."""
+        slicer = self.slicers.get(name)
+        if slicer is not None:
+            if slicer.kind == "skip":
+                return
+            tensor, rows = slicer(tensor, rows)
+            name = slicer.target or name
         if name not in self.params:
             raise ValueError(f"checkpoint weight {name!r} has no place in the model")
         target = self.params[name].data

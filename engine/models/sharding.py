@@ -1,6 +1,7 @@
-"""Megatron-style tensor parallelism, applied to a loaded model (as gpt-fast does): each
-family names how its layers split (`tensor_parallel_plan`), and each layer here knows how to
-take its rank's share of a full layer. Column-parallel projections (q/k/v, gate/up, c_fc)
+"""Megatron-style tensor parallelism, applied while a model loads: each family names how its
+layers split (`tensor_parallel_plan`); TensorParallel swaps the layers of the model's meta
+skeleton for this rank's shares, and each checkpoint tensor is sliced as it is read (as
+nano-vllm's weight loaders do), so no rank ever holds the whole model. Column-parallel projections (q/k/v, gate/up, c_fc)
 keep their outputs split by heads or features; row-parallel ones (o/down/c_proj) take the
 matching inputs and all-reduce their output; the embedding and the output head are split by
 vocabulary, so the logits stay split too (the decoder reduces only per-row statistics)."""
@@ -27,6 +28,35 @@ class Split:
     parts: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class Slicer:
+    """What one rank keeps of a checkpoint tensor: "column" (its share of each part's rows),
+    "row" (its share of the input columns), "vocab" (rows [start, end)) or "skip" (nothing:
+    a row-parallel bias lives on rank 0 only); `target` renames the parameter."""
+
+    kind: str
+    rank: int
+    world_size: int
+    parts: tuple[int, ...] = ()
+    vocab: VocabRange | None = None
+    target: str | None = None
+
+    def __call__(self, tensor: torch.Tensor, rows: slice | None):
+        """(this rank's tensor, its rows in the local fused parameter)."""
+        if self.kind == "vocab":
+            return tensor[self.vocab.start: self.vocab.end], rows
+        if self.kind == "row" and tensor.dim() == 2:
+            share = tensor.shape[1] // self.world_size
+            return tensor[:, self.rank * share: (self.rank + 1) * share], rows
+        if self.kind == "row":           # the bias, on rank 0
+            return tensor, rows
+        if rows is None:                 # a checkpoint tensor holding every fused part
+            return tensor[column_rows(self.parts, self.rank, self.world_size)], None
+        share = tensor.shape[0] // self.world_size
+        local = slice(rows.start // self.world_size, rows.stop // self.world_size)
+        return tensor[self.rank * share: (self.rank + 1) * share], local
+
+
 def column_rows(parts: Sequence[int], rank: int, world_size: int) -> torch.Tensor:
     """Output rows of a fused column-parallel weight that one rank keeps: its share of each part."""
     rows, start = [], 0
@@ -37,22 +67,13 @@ def column_rows(parts: Sequence[int], rank: int, world_size: int) -> torch.Tenso
     return torch.cat(rows)
 
 
-def column_parallel(linear: nn.Linear, parts: Sequence[int], rank: int, world_size: int) -> nn.Linear:
-    """A smaller nn.Linear holding this rank's rows of every part (bias likewise)."""
-    rows = column_rows(parts, rank, world_size)
-    return _linear(linear.weight.detach()[rows], None if linear.bias is None else linear.bias.detach()[rows])
-
-
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local @ W_local.T) + b: this rank's input columns; the bias is added
     once, by rank 0."""
 
-    def __init__(self, linear: nn.Linear, comm: Communicator) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, comm: Communicator) -> None:
         super().__init__()
-        share = linear.in_features // comm.world_size
-        columns = slice(comm.rank * share, (comm.rank + 1) * share)
-        bias = linear.bias.detach() if linear.bias is not None and comm.rank == 0 else None
-        self.linear = _linear(linear.weight.detach()[:, columns], bias)
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,25 +84,15 @@ class VocabParallelEmbedding(nn.Module):
     """The embedding rows of this rank's token ids; other ids look up zeros, and the sum over
     ranks (all-reduce) gives every rank the full embedding."""
 
-    def __init__(self, embedding: nn.Embedding, vocab: VocabRange, comm: Communicator) -> None:
+    def __init__(self, vocab: VocabRange, dim: int, comm: Communicator) -> None:
         super().__init__()
-        self.weight = nn.Parameter(embedding.weight.detach()[vocab.start: vocab.end].clone(),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(vocab.size, dim), requires_grad=False)
         self.vocab, self.comm = vocab, comm
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         mine = (input_ids >= self.vocab.start) & (input_ids < self.vocab.end)
         local = F.embedding(torch.where(mine, input_ids - self.vocab.start, 0), self.weight)
         return self.comm.all_reduce(local * mine[:, None].to(local.dtype))
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                      device=weight.device, dtype=weight.dtype)
-    layer.weight = nn.Parameter(weight.contiguous().clone(), requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.contiguous().clone(), requires_grad=False)
-    return layer
 
 
 def check_divisible(config: ModelConfig, world_size: int) -> None:
@@ -94,37 +105,48 @@ def check_divisible(config: ModelConfig, world_size: int) -> None:
                           f"{', '.join(uneven)}; choose a size that divides them")
 
 
-def shard_model(model: nn.Module, comm: Communicator, vocab_size: int) -> VocabRange:
-    """Replace the model's layers by this rank's shares, in place; returns the token ids
-    [start, end) whose logits this rank computes (vocab_size: the tokenizer's)."""
-    if any(type(module).__name__ == "QuantLinear" for module in model.modules()):
-        raise ConfigError("tensor parallelism runs float weights; load quantized models with "
-                          "tensor_parallel_size=1, or give dtype float32/bfloat16")
-    check_divisible(model.config, comm.world_size)
-    vocab = vocab_ranges(vocab_size, comm.world_size)[comm.rank]
-    plan = model.tensor_parallel_plan()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            split = plan.get(name)
-            if split is not None:
-                setattr(parent, name, _shard(child, split, vocab, comm))
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.input_embedding().weight
-    for module in model.modules():
-        if hasattr(module, "shard_heads"):
-            module.shard_heads(comm.world_size)
-    return vocab
+@dataclass
+class TensorParallel:
+    """How load_model shards a model: the rank's group and the tokenizer's vocabulary size.
+    apply() runs on the model's meta skeleton, before any weight exists, so a rank only ever
+    allocates its share; WeightFiller then slices each checkpoint tensor by `slicers`."""
 
+    comm: Communicator
+    vocab_size: int
+    vocab: VocabRange | None = None
 
-def _shard(layer: nn.Module, split: Split, vocab: VocabRange, comm: Communicator) -> nn.Module:
-    if split.kind == "column":
-        return column_parallel(layer, split.parts, comm.rank, comm.world_size)
-    if split.kind == "row":
-        return RowParallelLinear(layer, comm)
-    if split.kind == "vocab":
-        return VocabParallelEmbedding(layer, vocab, comm)
-    rows = torch.arange(vocab.start, vocab.end)
-    return _linear(layer.weight.detach()[rows], None)
+    def apply(self, model: nn.Module) -> None:
+        """Replace the skeleton's layers by this rank's shares and record how to slice weights."""
+        check_divisible(model.config, self.comm.world_size)
+        self.vocab = vocab_ranges(self.vocab_size, self.comm.world_size)[self.comm.rank]
+        plan = model.tensor_parallel_plan()
+        slicers: dict[str, Slicer] = {}
+        for prefix, parent in list(model.named_modules()):
+            for name, child in list(parent.named_children()):
+                if name in plan:
+                    full = f"{prefix}.{name}" if prefix else name
+                    setattr(parent, name, self._local(child, full, plan[name], slicers))
+        for module in model.modules():
+            if hasattr(module, "shard_heads"):
+                module.shard_heads(self.comm.world_size)
+        model.weight_slicers = slicers
+
+    def _local(self, layer: nn.Module, name: str, split: Split, slicers: dict) -> nn.Module:
+        rank, size = self.comm.rank, self.comm.world_size
+        make = lambda kind, **extra: Slicer(kind, rank, size, split.parts, self.vocab, **extra)  # noqa: E731
+        if split.kind in ("vocab", "head"):
+            slicers[f"{name}.weight"] = make("vocab")
+            if split.kind == "vocab":
+                return VocabParallelEmbedding(self.vocab, layer.weight.shape[1], self.comm)
+            return nn.Linear(layer.in_features, self.vocab.size, bias=False)
+        has_bias = layer.bias is not None
+        if split.kind == "column":
+            slicers.update({f"{name}.{leaf}": make("column") for leaf in ("weight", "bias")})
+            return nn.Linear(layer.in_features, layer.out_features // size, bias=has_bias)
+        slicers[f"{name}.weight"] = make("row", target=f"{name}.linear.weight")
+        slicers[f"{name}.bias"] = make("row" if rank == 0 else "skip", target=f"{name}.linear.bias")
+        return RowParallelLinear(layer.in_features // size, layer.out_features,
+                                 has_bias and rank == 0, self.comm)
 
 
 def local_config(config: ModelConfig, world_size: int) -> ModelConfig:

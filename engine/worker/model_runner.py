@@ -9,12 +9,12 @@ import torch
 
 from ..config import ModelSpec
 from ..distributed import Communicator, VocabRange
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from ..kv_cache.pool import ModelCacheView
 from ..models.attention import build_metadata
-from ..models.loading import load_model, load_tokenizer
+from ..models.loading import check_model_path, load_model, load_tokenizer
 from ..models.packed_linear import pack_linears
-from ..models.sharding import local_config, shard_model
+from ..models.sharding import TensorParallel, local_config
 
 
 @dataclass
@@ -48,16 +48,22 @@ class ModelRunner:
                  comm: Optional[Communicator] = None) -> None:
         self.spec = spec
         self.device = device
-        self.model = load_model(spec.path, spec.torch_dtype, device, spec.quantization)
+        parallel = None
+        if comm is not None and comm.world_size > 1:   # shards need the tokenizer's vocabulary
+            if spec.quantization is not None:
+                raise ConfigError(f"tensor parallelism runs float weights, but {spec} is quantized; "
+                                  "give dtype float32 or bfloat16, or tensor_parallel_size=1")
+            check_model_path(spec.path)
+            parallel = TensorParallel(comm, len(load_tokenizer(spec.path)))
+        self.model = load_model(spec.path, spec.torch_dtype, device, spec.quantization, parallel)
         self.config = self.model.config
         self.tokenizer = load_tokenizer(spec.path)
         self.vocab_size = len(self.tokenizer)
         if self.vocab_size > self.config.vocab_size:
             raise ModelLoadError(f"{spec.path}: the tokenizer has {self.vocab_size} tokens but the "
                                  f"model only {self.config.vocab_size} logits")
-        self.vocab = VocabRange(0, self.vocab_size)     # the logits' columns this rank computes
-        if comm is not None and comm.world_size > 1:
-            self.vocab = shard_model(self.model, comm, self.vocab_size)
+        self.vocab = VocabRange(0, self.vocab_size) if parallel is None else parallel.vocab
+        if parallel is not None:    # the pool sizes this rank's KV by its heads
             self.config = local_config(self.config, comm.world_size)
         self.num_packed_linears = pack_linears(self.model) if device == "cpu" else 0
 

@@ -4,6 +4,8 @@ forward per model per step, reporting a failing model's exception instead of rai
 that only the requests on that model fail."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 from collections import Counter
 from typing import Iterable, Optional, Union
@@ -16,6 +18,16 @@ from ..kv_cache.pool import KVCachePool
 from .model_runner import ForwardItem, ModelRunner
 
 Results = dict[ModelSpec, Union[torch.Tensor, Exception]]
+
+
+def release_freed_memory() -> None:
+    """Return the heap pages that loading freed (checkpoint tensors, unpacked weights) to
+    the OS; glibc keeps them otherwise, and a rank's resident memory should be its share."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 class Worker:
@@ -37,6 +49,8 @@ class Worker:
             missing = [spec for spec in dict.fromkeys(specs) if spec not in self.runners]
             loaded = {spec: ModelRunner(spec, self.config.device, self.comm) for spec in missing}
             self.runners.update(loaded)
+            if loaded:
+                release_freed_memory()
 
     def unload(self, specs: Iterable[ModelSpec]) -> None:
         """Forget models that no request uses (undoes a load that failed on another rank)."""

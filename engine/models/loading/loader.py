@@ -17,6 +17,7 @@ from lmarith.models.registry import MODEL_TYPES, lookup, model_class, parse_conf
 
 if TYPE_CHECKING:
     from lmarith.models.loading.gguf_file import GGUFFile
+    from lmarith.models.sharding import TensorParallel
 
 Weights = Iterator[tuple[str, torch.Tensor]]
 
@@ -28,29 +29,37 @@ LOADING_BAR_DELAY = 1.0
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               quantization: str | None = None) -> nn.Module:
+               quantization: str | None = None,
+               tensor_parallel: "TensorParallel | None" = None) -> nn.Module:
     """Our implementation of the model at path (HF directory or .gguf file), ready for inference.
 
     quantization "auto": a GGUF file's quantized projections keep their blocks; "q8_0": every
     projection is quantised to q8_0 at load (any checkpoint). Any failure is a ModelLoadError
-    naming the path (UnsupportedModelError for an unknown architecture)."""
-    if not Path(path).exists():
-        raise ModelLoadError(f"model path {path} does not exist; give a Hugging Face directory "
-                             "(config.json + *.safetensors) or a .gguf file")
+    naming the path (UnsupportedModelError for an unknown architecture). tensor_parallel:
+    load only this rank's share of every layer (float weights only)."""
+    check_model_path(path)
     try:
-        return _load(str(path), dtype, device, quantization)
+        return _load(str(path), dtype, device, quantization, tensor_parallel)
     except LmarithError:
         raise
     except Exception as error:  # a corrupt file can fail in any library: name the file
         raise ModelLoadError(f"cannot load model {path}: {type(error).__name__}: {error}") from error
 
 
-def _load(path: str, dtype: torch.dtype, device: str, quantization: str | None) -> nn.Module:
+def check_model_path(path: str) -> None:
+    """ModelLoadError unless the path exists (before anything reads from it)."""
+    if not Path(path).exists():
+        raise ModelLoadError(f"model path {path} does not exist; give a Hugging Face directory "
+                             "(config.json + *.safetensors) or a .gguf file")
+
+
+def _load(path: str, dtype: torch.dtype, device: str, quantization: str | None,
+          tensor_parallel: "TensorParallel | None") -> nn.Module:
     if path.endswith(".gguf"):
         from lmarith.models.loading.gguf_file import GGUFFile  # needs the gguf package
         file = GGUFFile(str(path))
         config = parse_config(gguf_raw_config(file), dtype)
-        model = build_model(config, device)
+        model = build_model(config, device, tensor_parallel)
         model.load_weights(_with_bar(gguf_weights(file, config), len(file.tensors), path))
         if ROPE_FACTORS in file.tensors:
             model.rotary.inv_freq = model.rotary.inv_freq / file.read(ROPE_FACTORS).to(device)
@@ -59,7 +68,7 @@ def _load(path: str, dtype: torch.dtype, device: str, quantization: str | None) 
             keep_file_quantization(model, file, config)
     else:
         config = parse_config(read_hf_config(Path(path)), dtype)
-        model = build_model(config, device)
+        model = build_model(config, device, tensor_parallel)
         weights = safetensors_weights(Path(path))
         model.load_weights(_with_bar(weights, safetensors_count(Path(path)), path))
     if quantization == "q8_0":
@@ -78,10 +87,14 @@ def _with_bar(weights: Weights, total: int, path: str) -> Weights:
             bar.update()
 
 
-def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """Allocate the model's parameters (uninitialised, in config.dtype) without running inits."""
+def build_model(config: ModelConfig, device: str | torch.device = "cpu",
+                tensor_parallel: "TensorParallel | None" = None) -> nn.Module:
+    """Allocate the model's parameters (uninitialised, in config.dtype) without running inits;
+    with tensor_parallel, only this rank's share of each layer."""
     with torch.device("meta"):
         model = model_class(config)(config, device)
+        if tensor_parallel is not None:
+            tensor_parallel.apply(model)
     model = model.to(dtype=config.dtype).to_empty(device=device)
     model.tie_weights()
     return model
