@@ -44,6 +44,7 @@ class ParallelWorker:
         self._lock = threading.Lock()
         self._copies: list[tuple[int, int]] = []
         self._closed = False
+        self.pages_copied = 0           # copy-on-write copies sent to every rank
         self.sharded_draws = 0          # rows drawn on vocabulary shards
         self.gathered_draws = 0         # rows drawn from whole-vocabulary (gathered) logits
 
@@ -96,6 +97,7 @@ class ParallelWorker:
     def copy_page(self, source: int, target: int) -> None:
         """Queued: every rank copies its share just before the next forward reads the page."""
         self._copies.append((source, target))
+        self.pages_copied += 1
 
     def execute_items(self, work: dict[ModelSpec, list[ForwardItem]]) -> Blocks:
         """One sharded forward per model on every rank; each item's logits block is either

@@ -141,3 +141,26 @@ def test_a_dead_rank_fails_requests_instead_of_hanging(dirs):
             llm.generate(PROMPTS[0], la.Model(str(dirs["llama"])), GREEDY)
     finally:
         llm.close()
+
+
+def test_preemption_and_prefix_cache_under_one_page_table(dirs):
+    """A pool too small for the batch: rank 0's block manager preempts and re-admits, shares
+    cached prefix pages and copies pages on write, and every rank follows its page tables."""
+    model = la.Model(str(dirs["llama"]))
+    formulas = [model, model.prompt("You are rude.") + 0.5 * model, model.prompt("You are rude.") - model]
+    prompts = [PROMPTS[i % 4] * (1 + i % 3) for i in range(12)]
+    chosen = [formulas[i % 3] for i in range(12)]
+    params = la.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with la.LLM(kv_cache_bytes=1 << 20, page_tokens=4) as roomy:
+        alone = [roomy.generate([p], f, params)[0].token_ids for p, f in zip(prompts, chosen)]
+    # each rank holds half the heads, so half the bytes give the same pages as one rank's 200 kB
+    with la.LLM(kv_cache_bytes=100 * 1024, page_tokens=4, max_num_seqs=12,
+                tensor_parallel_size=2) as tight:
+        together = tight.generate(prompts, chosen, params)
+        again = tight.generate(prompts[:3], chosen[:3], params)     # prefix-cache hits
+        assert sum(o.num_preemptions for o in together) > 0, "the pool should have run out"
+        assert [o.token_ids for o in together] == alone
+        assert [o.token_ids for o in again] == alone[:3]
+        assert tight.stats().prefix_cache_hit_tokens > 0
+        assert_all_pages_free(tight)
+        check_kv_invariants(tight)
