@@ -1,6 +1,7 @@
 """Tensor parallelism on one machine: decode tokens/s and per-rank memory at tensor parallel
 sizes 1 and 2, alternated in one run and printed as ratios, with what the ranks' collectives
-cost per step (calls, bytes, seconds waited on rank 0).
+cost per step (calls, bytes, seconds waited on rank 0). Each size above 1 runs twice: with
+the shared-memory collectives (the default on CPU) and over gloo alone (LMARITH_TP_SHM=0).
 
 The model is SmolLM2-135M's shape (30 layers, hidden 576, MLP 1536, its tokenizer and 49152
 -token vocabulary) with random weights and 8 query / 4 KV heads, because SmolLM2's own 9 / 3
@@ -76,24 +77,27 @@ def decode_rate(llm: la.LLM, model: la.Model, batch: int, tokens: int) -> tuple[
     return sum(len(o.token_ids) for o in outputs) / seconds, seconds
 
 
-def comm_per_step(llm: la.LLM, model: la.Model, batch: int, tokens: int) -> str:
-    """Rank 0's collectives per decode step (one model, greedy)."""
+def comm_per_step(llm: la.LLM, model: la.Model, batch: int) -> str:
+    """Rank 0's collectives per decode step: a 24-token run minus an 8-token run (same
+    prompts, so the prefill cancels), over the 16 extra steps."""
     worker = llm.engine.worker
-    comm = getattr(worker, "rank", None)
-    if comm is None:
+    if not hasattr(worker, "rank"):
         return "-"
-    stats = comm.comm.stats
-    before = (stats.calls, stats.bytes, stats.seconds, worker.forward_calls[model.spec])
-    decode_rate(llm, model, batch, tokens)
-    steps = worker.forward_calls[model.spec] - before[3]
-    return (f"{(stats.calls - before[0]) / steps:.0f} collectives, "
-            f"{(stats.bytes - before[1]) / steps / 1024:.1f} KiB, "
-            f"{(stats.seconds - before[2]) / steps * 1e3:.2f} ms waited")
+    stats = worker.rank.comm.stats
+    totals = []
+    for tokens in (8, 24):
+        before = (stats.calls, stats.bytes, stats.seconds)
+        decode_rate(llm, model, batch, tokens)
+        totals.append((stats.calls - before[0], stats.bytes - before[1], stats.seconds - before[2]))
+    calls, sent, waited = (b - a for a, b in zip(*totals))
+    return f"{calls / 16:.0f} collectives, {sent / 16 / 1024:.1f} KiB, {waited / 16 * 1e3:.2f} ms waited"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--no-gloo", action="store_true",
+                        help="skip the gloo-only runs (LMARITH_TP_SHM=0) of each size above 1")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -107,36 +111,40 @@ def main() -> None:
     base_rss = rss_bytes(os.getpid())
     engines = {}
     for size in args.sizes:
-        engines[size] = la.LLM(kv_cache_bytes=64 << 20, models=[model], device=args.device,
-                               tensor_parallel_size=size, num_threads=max(1, args.threads // size))
+        variants = [("shm", "1"), ("gloo", "0")] if size > 1 and not args.no_gloo else [("", "1")]
+        for transport, shm in variants:
+            os.environ["LMARITH_TP_SHM"] = shm          # read by each rank as its group forms
+            engines[f"{size} {transport}".strip()] = la.LLM(
+                kv_cache_bytes=64 << 20, models=[model], device=args.device,
+                tensor_parallel_size=size, num_threads=max(1, args.threads // size))
+    os.environ.pop("LMARITH_TP_SHM")
     report_memory(engines, base_rss)
-    rates = {(size, batch): [] for size in args.sizes for batch in args.batches}
-    for _ in range(args.repeats):                       # alternate the sizes in every round
+    rates = {(name, batch): [] for name in engines for batch in args.batches}
+    for _ in range(args.repeats):                       # alternate the engines in every round
         for batch in args.batches:
-            for size, llm in engines.items():
-                rates[size, batch].append(decode_rate(llm, model, batch, args.tokens)[0])
-    baseline = args.sizes[0]
+            for name, llm in engines.items():
+                rates[name, batch].append(decode_rate(llm, model, batch, args.tokens)[0])
+    baseline = next(iter(engines))
     print(f"\ndecode tokens/s (median of {args.repeats}, {args.tokens} tokens, {args.threads} threads "
           f"in all), ratio to tensor parallel size {baseline}; collectives per step on rank 0")
-    print(f"{'size':>4} {'batch':>5} {'tok/s':>8} {'ratio':>6}  communication per step")
+    print(f"{'size':>8} {'batch':>5} {'tok/s':>8} {'ratio':>6}  communication per decode step")
     for batch in args.batches:
-        for size, llm in engines.items():
-            median = statistics.median(rates[size, batch])
+        for name, llm in engines.items():
+            median = statistics.median(rates[name, batch])
             ratio = median / statistics.median(rates[baseline, batch])
-            print(f"{size:>4} {batch:>5} {median:8.1f} {ratio:6.2f}  "
-                  f"{comm_per_step(llm, model, batch, 8)}")
+            print(f"{name:>8} {batch:>5} {median:8.1f} {ratio:6.2f}  {comm_per_step(llm, model, batch)}")
     for llm in engines.values():
         llm.close()
 
 
 def report_memory(engines: dict, base_rss: int) -> None:
     """Each size's weights per rank, and the resident memory of each rank's process."""
-    print(f"{'size':>4} {'weights/rank':>13}  resident memory per rank process")
+    print(f"{'size':>8} {'weights/rank':>13}  resident memory per rank process")
     for size, llm in engines.items():
         worker = llm.engine.worker
         others = [rss_bytes(p.pid) for p in getattr(worker, "processes", [])]
         ranks = ", ".join(f"{b / 2**20:.0f} MiB" for b in others)
-        print(f"{size:>4} {weight_bytes(llm) / 2**20:10.0f} MiB  "
+        print(f"{size:>8} {weight_bytes(llm) / 2**20:10.0f} MiB  "
               f"{'ranks 1..: ' + ranks if ranks else 'rank 0 only (in this process)'}")
     print(f"     this process (rank 0 of every size): {(rss_bytes(os.getpid()) - base_rss) / 2**20:.0f} MiB "
           "added since start")

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "kernels.h"
+#include "shm_allreduce.h"
 
 namespace py = pybind11;
 
@@ -205,4 +206,27 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa"), "Whether this CPU runs quant_matmul path isa (1 scalar, 2 avx2, 3 vnni).");
   m.def("built_with_openmp", &lmarith::built_with_openmp,
         "True when rows run in parallel through OpenMP.");
+  using lmarith::ShmAllReduce;
+  py::class_<ShmAllReduce>(m, "ShmAllReduce",
+                           "In-place all-reduce among the processes of one host through /dev/shm "
+                           "(csrc/shm_allreduce.h; use it through lmarith.bindings.shm).")
+      .def(py::init<const std::string&, int, int, int64_t, bool, double>(),
+           py::call_guard<py::gil_scoped_release>(), py::arg("name"), py::arg("rank"),
+           py::arg("world_size"), py::arg("max_bytes"), py::arg("create"), py::arg("timeout_s"))
+      .def("all_reduce",
+           [](ShmAllReduce& self, std::uintptr_t data, int64_t numel, int dtype, int op,
+              double timeout_s) {
+             self.all_reduce(address_as<void>(data), numel, static_cast<lmarith::ShmDtype>(dtype),
+                             static_cast<lmarith::ShmOp>(op), timeout_s);
+           },
+           py::call_guard<py::gil_scoped_release>(), py::arg("data"), py::arg("numel"),
+           py::arg("dtype"), py::arg("op"), py::arg("timeout_s") = -1.0,
+           "Reduce numel elements at address data in place (dtype 0 f32, 1 bf16, 2 f64; op 0 "
+           "sum, 1 max) in rank order; RuntimeError when a peer misses timeout_s.")
+      .def("close", &ShmAllReduce::close, "Unmap; the creator also unlinks the segment's name.")
+      .def_property_readonly("name", &ShmAllReduce::name)
+      .def_property_readonly("rank", &ShmAllReduce::rank)
+      .def_property_readonly("world_size", &ShmAllReduce::world_size)
+      .def_property_readonly("max_bytes", &ShmAllReduce::max_bytes)
+      .def_property_readonly("closed", &ShmAllReduce::closed);
 }

@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .shared_memory import broadcast_bytes_through, gather_through, open_shared_memory
+
 
 @dataclass
 class CommStats:
@@ -62,6 +64,9 @@ class Communicator:
                                                    world_size, timeout)
             self.group = (dist.ProcessGroupNCCL(dist.PrefixStore("device", store), rank, world_size)
                           if device.startswith("cuda") else self.cpu_group)
+        self.shm = None    # CPU ranks: the shared-memory path for small collectives
+        if world_size > 1 and not device.startswith("cuda"):
+            self.shm = open_shared_memory(store, rank, world_size, self.cpu_group, timeout_s)
 
     @staticmethod
     def host_store(world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
@@ -78,6 +83,9 @@ class Communicator:
         """Reduce in place over the ranks ("sum" or "max"); returns the tensor."""
         if self.group is not None:
             started = time.perf_counter()
+            if self.shm is not None and self.shm.all_reduce_(tensor, op):
+                self.stats.add(tensor, started)
+                return tensor
             options = dist.AllreduceOptions()
             options.reduceOp = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
             self.group.allreduce([tensor], options).wait()
@@ -89,8 +97,11 @@ class Communicator:
         if self.group is None:
             return [tensor]
         started = time.perf_counter()
-        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        self.group.allgather([gathered], [tensor.contiguous()]).wait()
+        gathered = None if self.shm is None else gather_through(self.shm, tensor, self.rank,
+                                                                   self.world_size)
+        if gathered is None:
+            gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+            self.group.allgather([gathered], [tensor.contiguous()]).wait()
         self.stats.add(tensor, started)
         return gathered
 
@@ -98,8 +109,14 @@ class Communicator:
         """Rank 0's value, pickled, on every rank (others pass None)."""
         if self.cpu_group is None:
             return value
-        size = torch.zeros(1, dtype=torch.int64)
         payload = pickle.dumps(value) if self.rank == 0 else b""
+        if self.shm is not None:
+            started = time.perf_counter()
+            received = broadcast_bytes_through(self.shm, payload, self.rank)
+            self.stats.add(torch.empty(len(payload), dtype=torch.uint8), started)
+            if received is not None:
+                return value if self.rank == 0 else pickle.loads(received)
+        size = torch.zeros(1, dtype=torch.int64)
         size[0] = len(payload)
         self._broadcast(size)
         buffer = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.rank == 0
@@ -134,6 +151,9 @@ class Communicator:
 
     def close(self) -> None:
         """Release the process group."""
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         for group in {id(g): g for g in (self.group, self.cpu_group) if g is not None}.values():
             try:
                 group.shutdown()

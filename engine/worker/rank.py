@@ -126,8 +126,20 @@ def _portable(error: BaseException | None):
         return f"{type(error).__name__}: {error}"
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (no orphan awaits commands forever)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def rank_main(rank: int, config: EngineConfig, port: int) -> None:
-    """A non-zero rank's process: join rank 0's group, then run its commands until stop."""
+    """A non-zero rank's process: join rank 0's group, then run its commands until stop
+    (and die with rank 0's process, should that be killed)."""
+    _die_with_parent()
     threads = config.num_threads or max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
     torch.set_num_threads(threads)
     device = f"cuda:{rank}" if config.device.startswith("cuda") else config.device
