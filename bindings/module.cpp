@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bf16_matmul.h"
 #include "kernels.h"
 #include "shm_allreduce.h"
 
@@ -159,6 +160,22 @@ void quant_matmul_entry(std::uintptr_t x, int x_dtype, int64_t m, int64_t k, std
                         n, row_bytes, static_cast<lmarith::QuantIsa>(isa), address_as<float>(out));
 }
 
+// bf16_matmul: x f32/bf16 [M,K], packed bf16 weight (csrc/bf16_matmul.h), bias f32 [N] or 0,
+// out [M,N] f32/bf16; isa 0 auto / 1 scalar / 2 avx2 / 3 avx512-bf16.
+void bf16_matmul_entry(std::uintptr_t x, int x_dtype, int64_t m, int64_t k, std::uintptr_t packed,
+                       int64_t n, std::uintptr_t bias, std::uintptr_t out, int out_dtype, int isa) {
+  require(x_dtype == 0 || x_dtype == 1, "bf16_matmul: x_dtype must be 0 (float32) or 1 (bfloat16)");
+  require(out_dtype == 0 || out_dtype == 1, "bf16_matmul: out_dtype must be 0 (float32) or 1 (bfloat16)");
+  require(m >= 0 && n >= 0 && k > 0, "bf16_matmul: need M >= 0, N >= 0, K > 0");
+  require(isa >= 0 && isa <= 3, "bf16_matmul: isa must be 0 (auto), 1 (scalar), 2 (avx2), 3 (avx512bf16)");
+  require(lmarith::bf16_isa_supported(static_cast<lmarith::Bf16Isa>(isa)),
+          "bf16_matmul: this CPU cannot run the requested instruction path");
+  lmarith::bf16_matmul(address_as<const void>(x), static_cast<lmarith::LogitsDtype>(x_dtype), m, k,
+                       address_as<const uint16_t>(packed), n, address_as<const float>(bias),
+                       address_as<void>(out), static_cast<lmarith::LogitsDtype>(out_dtype),
+                       static_cast<lmarith::Bf16Isa>(isa));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -204,6 +221,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("quant_isa_supported", [](int isa) {
           return lmarith::quant_isa_supported(static_cast<lmarith::QuantIsa>(isa)); },
         py::arg("isa"), "Whether this CPU runs quant_matmul path isa (1 scalar, 2 avx2, 3 vnni).");
+  m.def("bf16_matmul", &bf16_matmul_entry, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("k"), py::arg("packed"),
+        py::arg("n"), py::arg("bias"), py::arg("out"), py::arg("out_dtype"), py::arg("isa"),
+        "out [M,N] (out_dtype 0 f32, 1 bf16) = x (f32/bf16 [M,K]) @ W.T + bias (f32 [N], 0: none), "
+        "W packed bf16 (16-row blocks of column pairs); isa 0 auto, 1 scalar, 2 avx2, 3 avx512-bf16.");
+  m.def("bf16_isa_supported", [](int isa) {
+          return lmarith::bf16_isa_supported(static_cast<lmarith::Bf16Isa>(isa)); },
+        py::arg("isa"), "Whether this CPU runs bf16_matmul path isa (1 scalar, 2 avx2, 3 avx512-bf16).");
   m.def("built_with_openmp", &lmarith::built_with_openmp,
         "True when rows run in parallel through OpenMP.");
   using lmarith::ShmAllReduce;

@@ -21,6 +21,10 @@ spec_accept(target [B,K+1,V], draft [B,K,V], draft_tokens [B,K], num_drafts, see
 quant_matmul(x [M,K] f32/bf16, weight: QuantWeight [N,K] in GGML blocks) -> [M,N] f32
     (x @ W.T; the C++ face quantises x per 32-block to int8)   semantics: kernels/reference_quant.py
 dequantize(weight) -> [N,K] f32, quantize_q8_0(w [N,K]) -> QuantWeight     (torch face only)
+bf16_linear(x [M,K] f32/bf16, weight: BF16Weight [N,K] packed bf16, bias [N] | None) -> [M,N] in
+    x's dtype (x rounded to bf16, f32 sums; C++ face: csrc/bf16_matmul.cpp, AVX512-BF16 /
+    AVX2 / scalar). No Triton face: on CUDA the torch face runs (F.linear, cuBLAS), and CUDA
+    models keep nn.Linear's bf16 cuBLAS path.      semantics: kernels/reference_bf16.py
 """
 from __future__ import annotations
 
@@ -31,12 +35,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from lmarith.bindings import checks, cpp, cpp_quant
-from lmarith.kernels import reference, reference_attention, reference_quant, reference_speculative
+from lmarith.bindings import checks, cpp, cpp_bf16, cpp_quant
+from lmarith.kernels import (reference, reference_attention, reference_bf16, reference_quant,
+                             reference_speculative)
+from lmarith.kernels.reference_bf16 import BF16Weight
 from lmarith.kernels.quant_formats import QuantWeight
 
 __all__ = ["combine", "sample", "store_kv", "paged_attention", "spec_accept", "filtered_log_probs", "quant_matmul", "prepared_quant_matmul",
-           "dequantize", "quantize_q8_0", "run", "faces", "face_for",
+           "dequantize", "quantize_q8_0", "bf16_linear", "prepared_bf16_linear", "pack_bf16", "run", "faces", "face_for",
            "combine_cpp", "sample_cpp", "cpp_available"]
 
 
@@ -68,11 +74,12 @@ _FACES: dict[str, dict[str, Callable]] = {
     "quant_matmul": {"torch": reference_quant.quant_matmul,
                      "triton": _triton("quant_matmul", "quant_matmul"),
                      "cpp": cpp_quant.quant_matmul},
+    "bf16_linear": {"torch": reference_bf16.bf16_linear, "cpp": cpp_bf16.bf16_linear},
 }
 _CHECKS = {"combine": checks.validate_combine, "sample": checks.validate_sample,
            "store_kv": checks.validate_store_kv, "paged_attention": checks.validate_paged_attention,
            "spec_accept": checks.validate_spec_accept,
-           "quant_matmul": checks.validate_quant_matmul}
+           "quant_matmul": checks.validate_quant_matmul, "bf16_linear": cpp_bf16.validate}
 
 
 def cpp_available() -> bool:
@@ -88,7 +95,7 @@ def faces(op: str) -> list[str]:
 def face_for(op: str, device: torch.device) -> str:
     """The face the dispatch picks for inputs on this device."""
     if device.type == "cuda":
-        return "triton"
+        return "triton" if "triton" in _FACES[op] else "torch"
     if device.type == "cpu" and "cpp" in faces(op):
         return "cpp"
     return "torch"
@@ -225,3 +232,34 @@ def combine_cpp(*args) -> tuple[torch.Tensor, torch.Tensor]:
 def sample_cpp(*args) -> torch.Tensor:
     """The C++ face of sample on CPU tensors; raises if lmarith._C is missing."""
     return run("sample", "cpp", *args)
+
+
+def pack_bf16(w: torch.Tensor) -> BF16Weight:
+    """A float matrix [N, K] rounded to bfloat16 in bf16_linear's packed layout (once, at load)."""
+    checks._check_tensors({"w": w})
+    if w.dim() != 2 or 0 in w.shape:
+        raise ValueError(f"w must be a nonempty [N, K] matrix, got {list(w.shape)}")
+    checks._check_dtype("w", w, checks._FLOAT_DTYPES, "a floating-point")
+    return reference_bf16.pack_weight(w)
+
+
+def bf16_linear(x: torch.Tensor, weight: BF16Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W.T + bias for a packed bf16 weight, in x's dtype (x rounded to
+    bf16, float32 sums): on CPU the C++ kernel reads half the bytes of a float32 matmul."""
+    device = cpp_bf16.validate(x, weight, bias)
+    return _dispatch("bf16_linear", device)(x, weight, bias)
+
+
+def prepared_bf16_linear(weight: BF16Weight, bias: torch.Tensor | None = None
+                         ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """bf16_linear bound to one weight and bias, checked here once (a model layer's): the
+    returned call(x [M, K]) checks only that x has K columns, then runs the face."""
+    device = cpp_bf16.validate(torch.empty(0, weight.in_features, device=weight.data.device), weight, bias)
+    face = _dispatch("bf16_linear", device)
+    call = cpp_bf16.prepared(weight, bias) if face is cpp_bf16.bf16_linear else (lambda x: face(x, weight, bias))
+
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != weight.in_features:
+            raise ValueError(f"x must be [M, {weight.in_features}], got {list(x.shape)}")
+        return call(x)
+    return checked

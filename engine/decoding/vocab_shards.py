@@ -56,18 +56,13 @@ def log_softmax(logits: torch.Tensor, comm: Communicator) -> torch.Tensor:
     return logits - (shift + torch.log(sums))[..., None]
 
 
-def term_log_probs(logits: torch.Tensor, comm: Communicator) -> torch.Tensor:
-    """Each term's log-softmax [T, B, Vshard] over the whole vocabulary, from its shard."""
-    return log_softmax(logits, comm)
-
-
 def draw(logits: torch.Tensor, rows: list[ShardRow], vocab: VocabRange,
          comm: Communicator) -> list[int]:
     """The token of every row; logits [T, B, Vshard] stacked in rows' term order (zeros where
     a row has fewer terms: its plan gives them weight 0). Every rank calls this together."""
     plan_tensors = stack_plans([row.plan for row in rows], device=logits.device)
     reduce_max = lambda values: comm.all_reduce(values.contiguous(), "max")  # noqa: E731
-    scores = plan_scores(term_log_probs(logits, comm), *plan_tensors, reduce_max=reduce_max)
+    scores = plan_scores(log_softmax(logits, comm), *plan_tensors, reduce_max=reduce_max)
     scores = log_softmax(scores, comm)          # the composed law, as combine returns it
     column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=logits.device)  # noqa: E731
     temperature = column([r.temperature for r in rows], torch.float32)

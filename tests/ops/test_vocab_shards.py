@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lmarith.decoding.vocab_shards import ShardRow, draw, term_log_probs
+from lmarith.decoding.vocab_shards import ShardRow, draw, log_softmax
 from lmarith.distributed import Communicator, VocabRange, vocab_ranges
 from lmarith.formula import Plan, stack_plans
 from lmarith.kernels import reference
@@ -54,11 +54,11 @@ def test_one_rank_draw_equals_reference(vocab_size, batch):
     assert draw(logits, rows, VocabRange(0, vocab_size), comm) == reference_tokens(logits, rows)
 
 
-def test_term_log_probs_on_one_rank_are_log_softmax():
+def test_log_softmax_on_one_rank_is_torchs():
     logits = torch.randn(2, 5, 37)
     logits[0, 1] = float("-inf")          # a term forbidding every token
     expected = torch.log_softmax(logits, dim=-1)
-    got = term_log_probs(logits, Communicator(0, 1))
+    got = log_softmax(logits, Communicator(0, 1))
     assert torch.allclose(got[:, [0, 2, 3, 4]], expected[:, [0, 2, 3, 4]], atol=1e-6)
     assert torch.isnan(got[0, 1]).all() == torch.isnan(expected[0, 1]).all()
 
