@@ -6,6 +6,9 @@ variants, and printed as ratios (machines here are noisy).
         [--terms 1 2 3 5] [--plot latency.png] [--quiet]
     python benchmarks/bench_latency.py --dtypes float32 bfloat16 q8_0 auto [--batches 1 16]
     python benchmarks/bench_latency.py --context-sweep 32 512 2048
+    python benchmarks/bench_latency.py --scaling-plot scaling.png [--sweep-batches 1 2 4 8 16]
+        [--sweep-contexts 32 256 1024 2048] | --under-load | --prefill 512
+        (benchmarks/scaling_sweep.py)
     python benchmarks/bench_latency.py --context-sweep 32 512 2048 [--attention-rows 1 17 64 512]
         (batch-1 decode and prefill per context length, torch vs C++ paged attention;
         benchmarks/context_sweep.py)
@@ -104,6 +107,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--attention-rows", type=int, nargs="+", metavar="ROWS", default=None,
                         help="with --context-sweep (or alone): one layer's attention call for "
                              "these query rows per sequence, torch vs the C++ kernel")
+    parser.add_argument("--scaling-plot", metavar="PATH", default=None,
+                        help="tokens/s against batch and context for lmarith (fp32, Q4_1), "
+                             "transformers and llama.cpp, drawn to PATH (scaling_sweep.py)")
+    parser.add_argument("--sweep-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--sweep-contexts", type=int, nargs="+", default=[32, 256, 1024, 2048])
+    parser.add_argument("--under-load", action="store_true",
+                        help="batch-1 decode quiet and beside one memory-streaming process")
+    parser.add_argument("--prefill", type=int, metavar="TOKENS", default=None,
+                        help="time to first token of a TOKENS-token prompt vs transformers")
     return parser.parse_args(argv)
 
 
@@ -113,6 +125,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         os.environ[NO_PROGRESS_ENV] = "1"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.scaling_plot or args.under_load or args.prefill:
+        return scaling_sweeps(args)
     if args.context_sweep or args.attention_rows:
         return attention_sweeps(args)
     if args.dtypes:
@@ -141,6 +155,21 @@ def dtypes_table(args: argparse.Namespace) -> None:
           f"memcpy={memcpy_bandwidth() / 1e9:.1f} GB/s", flush=True)
     dtype_sweep(args.dtypes, args.batches, args.tokens, args.repeats,
                 lambda batch, tokens: transformers_decode_seconds(*hf, batch, tokens))
+
+
+def scaling_sweeps(args: argparse.Namespace) -> None:
+    """--scaling-plot, --under-load, --prefill (benchmarks/scaling_sweep.py)."""
+    import scaling_sweep
+
+    print(f"threads={torch.get_num_threads()} tokens={args.tokens} repeats={args.repeats} "
+          f"memcpy={memcpy_bandwidth() / 1e9:.1f} GB/s", flush=True)
+    if args.scaling_plot:
+        scaling_sweep.scaling_plot(args.scaling_plot, args.sweep_batches, args.sweep_contexts,
+                                   args.tokens, args.repeats)
+    if args.under_load:
+        scaling_sweep.under_load(args.tokens, args.repeats)
+    if args.prefill:
+        scaling_sweep.prefill(args.prefill, args.repeats)
 
 
 def attention_sweeps(args: argparse.Namespace) -> None:
