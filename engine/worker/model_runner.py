@@ -13,6 +13,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..kv_cache.pool import ModelCacheView
 from ..models.attention import build_metadata
 from ..models.loading import check_model_path, load_model, load_tokenizer
+from ..models.bf16_linear import use_bf16_linears
 from ..models.packed_linear import pack_linears
 from ..models.sharding import TensorParallel, local_config
 
@@ -65,7 +66,9 @@ class ModelRunner:
         self.vocab = VocabRange(0, self.vocab_size) if parallel is None else parallel.vocab
         if parallel is not None:    # the pool sizes this rank's KV by its heads
             self.config = local_config(self.config, comm.world_size)
-        self.num_packed_linears = pack_linears(self.model) if device == "cpu" else 0
+        # CPU: float32 linears oneDNN-packed, bfloat16 ones packed for the C++ bf16 kernel
+        self.num_packed_linears = (pack_linears(self.model) + use_bf16_linears(self.model)
+                                   if device == "cpu" else 0)
 
     @property
     def max_context(self) -> int:

@@ -1,0 +1,253 @@
+// bf16_matmul (csrc/bf16_matmul.h; torch specification kernels/reference_bf16.py).
+//
+// Batch-1 decode reads every weight once per token, so bf16 weights halve its traffic. The
+// activations are rounded to bf16 once per call (as bf16 pairs, the packed weight's lane
+// format) and every path sums in fp32:
+//  * AVX512-BF16: one vdpbf16ps per 64-byte load (16 rows x one column pair), two
+//    accumulators per row over alternate pairs;
+//  * AVX2 + FMA: a lane's pair widened to two fp32 vectors by a shift and a mask, two FMAs;
+//  * scalar: the same sums, portable (the compiler vectorises it where it can).
+// A kernel takes up to 8 (AVX2: 4) activation rows per call, so each loaded weight block
+// serves all of a small batch from registers. OpenMP splits the row blocks in chunks of 4
+// (64 rows: a chunk stays in L2 while the larger batches' tiles pass over it).
+#include "bf16_matmul.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LMARITH_BF16_X86 1
+#endif
+
+namespace lmarith {
+namespace {
+
+constexpr int kMaxTile = 8;            // activation rows per kernel call (AVX2: 4)
+constexpr int64_t kChunkBlocks = 4;    // row blocks per unit of OpenMP work
+
+// `rows` activation rows as bf16 bits, pairs-padded: row r's column j at x[r * stride + j].
+struct Tile {
+  const uint16_t* x;
+  int64_t stride;
+  int rows;
+};
+
+// acc [rows][16] = the tile's rows dotted with one packed block of `pairs` column pairs.
+using BlockDot = void (*)(const uint16_t* block, int64_t pairs, const Tile& tile, float* acc);
+
+inline float widen(uint16_t bits) { return detail::bits_float(uint32_t{bits} << 16); }
+
+// float -> bf16 bits, round to nearest even (NaN stays a quiet NaN), as torch's .to(bfloat16).
+inline uint16_t narrow(float value) {
+  const uint32_t bits = detail::float_bits(value);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+void scalar_block(const uint16_t* block, int64_t pairs, const Tile& tile, float* acc) {
+  for (int r = 0; r < tile.rows; ++r) {
+    float sum[kBf16Block] = {};
+    const uint16_t* x = tile.x + r * tile.stride;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const float even = widen(x[2 * p]), odd = widen(x[2 * p + 1]);
+      const uint16_t* w = block + p * 2 * kBf16Block;
+      for (int l = 0; l < kBf16Block; ++l) sum[l] += widen(w[2 * l]) * even + widen(w[2 * l + 1]) * odd;
+    }
+    std::memcpy(acc + r * kBf16Block, sum, sizeof(sum));
+  }
+}
+
+#ifdef LMARITH_BF16_X86
+#define LMARITH_AVX2 __attribute__((target("avx2,fma")))
+#define LMARITH_AVX512BF16 __attribute__((target("avx2,fma,avx512f,avx512bf16")))
+
+inline int32_t pair_at(const uint16_t* x, int64_t p) {
+  int32_t pair;
+  std::memcpy(&pair, x + 2 * p, sizeof(pair));
+  return pair;
+}
+
+// Eight lanes' bf16 pairs -> their even (low half) and odd (high half) weights as fp32.
+LMARITH_AVX2 inline __m256 even_avx2(__m256i pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
+LMARITH_AVX2 inline __m256 odd_avx2(__m256i pairs) {
+  return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+
+template <int R>
+LMARITH_AVX2 void avx2_rows(const uint16_t* block, int64_t pairs, const Tile& tile, float* acc) {
+  __m256 low[R], high[R];
+  for (int r = 0; r < R; ++r) low[r] = high[r] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* w = block + p * 2 * kBf16Block;
+    const __m256i w_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i w_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kBf16Block));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256i x = _mm256_set1_epi32(pair_at(tile.x + r * tile.stride, p));
+      const __m256 even = even_avx2(x), odd = odd_avx2(x);
+      low[r] = _mm256_fmadd_ps(odd_avx2(w_low), odd, _mm256_fmadd_ps(even_avx2(w_low), even, low[r]));
+      high[r] = _mm256_fmadd_ps(odd_avx2(w_high), odd, _mm256_fmadd_ps(even_avx2(w_high), even, high[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(acc + r * kBf16Block, low[r]);
+    _mm256_storeu_ps(acc + r * kBf16Block + 8, high[r]);
+  }
+}
+
+LMARITH_AVX2 void avx2_block(const uint16_t* block, int64_t pairs, const Tile& tile, float* acc) {
+  switch (tile.rows) {
+    case 1: avx2_rows<1>(block, pairs, tile, acc); break;
+    case 2: avx2_rows<2>(block, pairs, tile, acc); break;
+    case 3: avx2_rows<3>(block, pairs, tile, acc); break;
+    default: avx2_rows<4>(block, pairs, tile, acc); break;
+  }
+}
+
+LMARITH_AVX512BF16 inline __m512bh bf16_pairs(__m512i bits) { return (__m512bh)bits; }  // a vector cast
+
+LMARITH_AVX512BF16 inline __m512bh broadcast_pair(const uint16_t* x, int64_t p) {
+  return bf16_pairs(_mm512_set1_epi32(pair_at(x, p)));
+}
+
+template <int R>
+LMARITH_AVX512BF16 void bf16_rows(const uint16_t* block, int64_t pairs, const Tile& tile, float* acc) {
+  __m512 first[R], second[R];
+  for (int r = 0; r < R; ++r) first[r] = second[r] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 2 <= pairs; p += 2) {
+    const uint16_t* w = block + p * 2 * kBf16Block;
+    const __m512bh w0 = bf16_pairs(_mm512_loadu_si512(w));
+    const __m512bh w1 = bf16_pairs(_mm512_loadu_si512(w + 2 * kBf16Block));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* x = tile.x + r * tile.stride;
+      first[r] = _mm512_dpbf16_ps(first[r], w0, broadcast_pair(x, p));
+      second[r] = _mm512_dpbf16_ps(second[r], w1, broadcast_pair(x, p + 1));
+    }
+  }
+  if (p < pairs) {
+    const __m512bh w0 = bf16_pairs(_mm512_loadu_si512(block + p * 2 * kBf16Block));
+    for (int r = 0; r < R; ++r)
+      first[r] = _mm512_dpbf16_ps(first[r], w0, broadcast_pair(tile.x + r * tile.stride, p));
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * kBf16Block, _mm512_add_ps(first[r], second[r]));
+}
+
+LMARITH_AVX512BF16 void bf16_block(const uint16_t* block, int64_t pairs, const Tile& tile, float* acc) {
+  switch (tile.rows) {
+    case 1: bf16_rows<1>(block, pairs, tile, acc); break;
+    case 2: bf16_rows<2>(block, pairs, tile, acc); break;
+    case 3: bf16_rows<3>(block, pairs, tile, acc); break;
+    case 4: bf16_rows<4>(block, pairs, tile, acc); break;
+    case 5: bf16_rows<5>(block, pairs, tile, acc); break;
+    case 6: bf16_rows<6>(block, pairs, tile, acc); break;
+    case 7: bf16_rows<7>(block, pairs, tile, acc); break;
+    default: bf16_rows<8>(block, pairs, tile, acc); break;
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+bool cpu_has_avx512bf16() {
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#else
+bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512bf16() { return false; }
+#endif
+
+struct Kernel {
+  BlockDot dot;
+  int max_rows;
+};
+
+Kernel pick_kernel(Bf16Isa isa) {
+  if (isa == Bf16Isa::kAuto)
+    isa = cpu_has_avx512bf16() ? Bf16Isa::kAvx512Bf16 : cpu_has_avx2() ? Bf16Isa::kAvx2 : Bf16Isa::kScalar;
+#ifdef LMARITH_BF16_X86
+  if (isa == Bf16Isa::kAvx512Bf16) return {bf16_block, kMaxTile};
+  if (isa == Bf16Isa::kAvx2) return {avx2_block, 4};
+#endif
+  return {scalar_block, kMaxTile};
+}
+
+// x as bf16 bits with an even row length: x itself when it is bf16 and K even, else a copy in
+// `copy` (rounded to nearest even, a zero column appended when K is odd).
+const uint16_t* bf16_rows_of(const void* x, LogitsDtype dtype, int64_t m, int64_t k,
+                             std::vector<uint16_t>& copy) {
+  const int64_t width = k + k % 2;
+  if (dtype == LogitsDtype::kBFloat16 && width == k) return static_cast<const uint16_t*>(x);
+  copy.assign(m * width, 0);
+  for (int64_t r = 0; r < m; ++r) {
+    uint16_t* row = copy.data() + r * width;
+    if (dtype == LogitsDtype::kBFloat16) {
+      std::memcpy(row, static_cast<const uint16_t*>(x) + r * k, k * sizeof(uint16_t));
+      continue;
+    }
+    const float* values = static_cast<const float*>(x) + r * k;
+    for (int64_t j = 0; j < k; ++j) row[j] = narrow(values[j]);
+  }
+  return copy.data();
+}
+
+// A tile's acc [rows][16] (+ bias) into out's rows [row0, row0 + rows), columns from col0.
+void store_tile(const float* acc, int rows, int64_t row0, int64_t col0, int64_t n,
+                const float* bias, void* out, LogitsDtype out_dtype) {
+  const int64_t width = std::min(kBf16Block, n - col0);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t at = (row0 + r) * n + col0;
+    for (int64_t l = 0; l < width; ++l) {
+      const float value = acc[r * kBf16Block + l] + (bias != nullptr ? bias[col0 + l] : 0.0f);
+      if (out_dtype == LogitsDtype::kBFloat16)
+        static_cast<uint16_t*>(out)[at + l] = narrow(value);
+      else
+        static_cast<float*>(out)[at + l] = value;
+    }
+  }
+}
+
+}  // namespace
+
+bool bf16_isa_supported(Bf16Isa isa) {
+  if (isa == Bf16Isa::kAvx512Bf16) return cpu_has_avx512bf16();
+  if (isa == Bf16Isa::kAvx2) return cpu_has_avx2();
+  return true;
+}
+
+void bf16_matmul(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k, const uint16_t* packed,
+                 int64_t n, const float* bias, void* out, LogitsDtype out_dtype, Bf16Isa isa) {
+  if (m == 0 || n == 0) return;
+  std::vector<uint16_t> copy;
+  const uint16_t* rows = bf16_rows_of(x, x_dtype, m, k, copy);
+  const Kernel kernel = pick_kernel(isa);
+  const int64_t pairs = (k + 1) / 2, blocks = (n + kBf16Block - 1) / kBf16Block;
+  const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks;
+  // Parallel from 4M multiply-adds (at M = 1 only an output head, 8 MB of weights): one core
+  // nearly saturates this machine's DRAM on a decode GEMV, and waking the OpenMP team for
+  // each of a decode step's ~120 smaller ones cost more than the second core gave (measured
+  // with benchmarks/bench_bf16.py --sweep: 1.1-1.2x slower from a 0.5 MB threshold).
+  // Dynamic chunks: a thread slowed by another process does not hold the others up.
+#pragma omp parallel for schedule(dynamic, 1) if (m * n * k > (1 << 22))
+  for (int64_t c = 0; c < chunks; ++c) {
+    alignas(64) float acc[kMaxTile * kBf16Block];
+    const int64_t last = std::min(blocks, (c + 1) * kChunkBlocks);
+    for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
+      const Tile tile{rows + row0 * 2 * pairs, 2 * pairs,
+                      static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};
+      for (int64_t b = c * kChunkBlocks; b < last; ++b) {
+        kernel.dot(packed + b * pairs * 2 * kBf16Block, pairs, tile, acc);
+        store_tile(acc, tile.rows, row0, b * kBf16Block, n, bias, out, out_dtype);
+      }
+    }
+  }
+}
+
+}  // namespace lmarith

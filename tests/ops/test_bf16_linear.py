@@ -1,0 +1,144 @@
+"""bf16_linear through every face (and every instruction path of the C++ one) against the
+torch reference kernels/reference_bf16.py, and the packed layout against the plain matrix.
+
+Tolerances (per output element, from magnitude = |round_bf16(x)| @ |W|.T):
+  * float32 results: 1e-5 * magnitude (the same bf16 products, float32 sums in another order);
+  * bfloat16 results: that plus one bfloat16 step of the result, 2^-7 * |reference| (two
+    float32 sums that differ slightly can round to neighbouring bf16 values);
+  * small-integer inputs (every product and sum exact in float32): bit-equal on every face.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmarith.bindings import cpp_bf16, ops
+from lmarith.kernels import reference_bf16
+
+OP = "bf16_linear"
+SHAPES = [(1, 7, 5), (3, 33, 64), (17, 1, 2), (1, 100, 577), (17, 16, 1), (3, 48, 31),
+          (1, 576, 64), (17, 100, 64)]     # (M, N, K): M 1/3/17, N below/at/over 16-row blocks, K odd/even
+ISAS = [isa for isa in ("scalar", "avx2", "avx512bf16") if cpp_bf16.isa_supported(isa)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def make_inputs(m: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int = 0):
+    """(x [M, K] in dtype, W [N, K] bf16, bias [N] float32 or None), Gaussian."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) * 0.1).bfloat16()
+    b = torch.randn(n, generator=gen) if bias else None
+    return x, w, b
+
+
+def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias) -> None:
+    """y against the reference with the tolerances of the module doc."""
+    expected = reference_bf16.bf16_linear(x, reference_bf16.pack_weight(w), bias)
+    assert y.dtype == x.dtype and y.shape == expected.shape
+    magnitude = x.bfloat16().double().abs() @ w.double().abs().T
+    bound = 1e-5 * magnitude + 1e-6
+    if x.dtype == torch.bfloat16:
+        bound = bound + 2.0 ** -7 * expected.double().abs()
+    excess = (y.double() - expected.double()).abs() - bound
+    assert excess.numel() == 0 or excess.max().item() <= 0, f"worst excess {excess.max().item():.3g}"
+
+
+def integer_inputs(m: int, n: int, k: int, dtype: torch.dtype):
+    """Small integers: every product and partial sum is exact in float32 (and in bf16 out)."""
+    gen = torch.Generator().manual_seed(m * 31 + n)
+    x = torch.randint(-3, 4, (m, k), generator=gen).to(dtype)
+    w = torch.randint(-2, 3, (n, k), generator=gen).bfloat16()
+    return x, w, torch.randint(-4, 5, (n,), generator=gen).float()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (16, 2), (33, 577)], ids=str)
+def test_pack_round_trip(shape) -> None:
+    w = torch.randn(*shape).bfloat16()
+    packed = ops.pack_bf16(w)
+    n, k = shape
+    assert packed.data.dtype == torch.int16
+    assert tuple(packed.data.shape) == (-(-n // 16), -(-k // 2), 16, 2)
+    assert torch.equal(reference_bf16.unpack_weight(packed), w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_faces(face, run_face, shape, bias: bool, dtype: torch.dtype) -> None:
+    x, w, b = make_inputs(*shape, dtype, bias)
+    check(run_face(x, ops.pack_bf16(w), b), x, w, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_on_integers(face, run_face, dtype: torch.dtype) -> None:
+    x, w, b = integer_inputs(9, 37, 75, dtype)
+    expected = (x.double() @ w.double().T + b.double()).to(dtype)
+    assert torch.equal(run_face(x, ops.pack_bf16(w), b), expected)
+
+
+def test_empty_batch(face, run_face) -> None:
+    y = run_face(torch.empty(0, 6), ops.pack_bf16(torch.randn(5, 6)), None)
+    assert y.shape == (0, 5) and y.dtype == torch.float32
+
+
+@pytest.mark.skipif(not ISAS, reason="lmarith._C is not built")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_every_isa(monkeypatch, isa: str, dtype: torch.dtype) -> None:
+    """Each instruction path forced; M from 1 to 9 and 17 covers every tile height of the
+    8-row (AVX2: 4-row) kernels, full and partial; N and K odd; a large shape runs the
+    OpenMP split; integer inputs must come out bit-equal."""
+    monkeypatch.setenv(cpp_bf16.ISA_ENV, isa)
+    for m in (*range(1, 10), 17):
+        for bias in (False, True):
+            x, w, b = make_inputs(m, 37, 75, dtype, bias, seed=m)
+            check(ops.run(OP, "cpp", x, ops.pack_bf16(w), b), x, w, b)
+        x, w, b = integer_inputs(m, 37, 75, dtype)
+        assert torch.equal(ops.run(OP, "cpp", x, ops.pack_bf16(w), b),
+                           (x.double() @ w.double().T + b.double()).to(dtype))
+    x, w, b = make_inputs(5, 1000, 577, dtype, True)
+    check(ops.run(OP, "cpp", x, ops.pack_bf16(w), b), x, w, b)
+    strided = make_inputs(3, 1, 2 * 75, dtype, False)[0][:, ::2]        # non-contiguous x
+    w = make_inputs(1, 7, 75, dtype, False)[1]
+    check(ops.run(OP, "cpp", strided, ops.pack_bf16(w), None), strided, w, None)
+
+
+def test_cpp_isa_env_rejects_unknown(monkeypatch) -> None:
+    if "cpp" not in ops.faces(OP):
+        pytest.skip("lmarith._C is not built")
+    monkeypatch.setenv(cpp_bf16.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="LMARITH_BF16_ISA"):
+        ops.run(OP, "cpp", torch.randn(1, 4), ops.pack_bf16(torch.randn(3, 4)))
+
+
+def test_dispatch_and_prepared_call() -> None:
+    x, w, b = make_inputs(3, 40, 96, torch.bfloat16, True)
+    packed = ops.pack_bf16(w)
+    expected_face = "cpp" if ops.cpp_available() else "torch"
+    assert ops.face_for(OP, x.device) == expected_face
+    check(ops.bf16_linear(x, packed, b), x, w, b)
+    call = ops.prepared_bf16_linear(packed, b)
+    assert torch.equal(call(x), ops.bf16_linear(x, packed, b))
+    with pytest.raises(ValueError, match=r"\[M, 96\]"):
+        call(x[:, :10])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, w, b: (x[:, :3], w, b), r"\[M, 8\]"),
+    (lambda x, w, b: (x[None], w, b), r"\[M, 8\]"),
+    (lambda x, w, b: (x.double(), w, b), "float32 or bfloat16"),
+    (lambda x, w, b: (x, w.data, b), "BF16Weight"),
+    (lambda x, w, b: (x, w, b[:2]), r"bias must be a tensor \[5\]"),
+    (lambda x, w, b: (x.numpy(), w, b), "tensor"),
+])
+def test_input_checks(bad, message: str) -> None:
+    x, w, b = make_inputs(2, 5, 8, torch.float32, True)
+    with pytest.raises(ValueError, match=message):
+        ops.bf16_linear(*bad(x, ops.pack_bf16(w), b))
+
+
+def test_pack_checks() -> None:
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        ops.pack_bf16(torch.randn(4))
+    with pytest.raises(ValueError, match="floating-point"):
+        ops.pack_bf16(torch.ones(2, 2, dtype=torch.int32))
