@@ -42,13 +42,13 @@ def lmarith_seconds(llm: la.LLM, model: la.Model, batch: int, tokens: int) -> fl
     return max(o.metrics.decode_time for o in outputs) / tokens
 
 
-def llama_cpp_runner(threads: int):
+def llama_cpp_runner(threads: int, context: int = 512):
     """A llama.cpp model on the embedded GGUF, or None when llama-cpp-python is missing."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    return Llama(model_path=str(find_embedded_gguf()), n_threads=threads, n_ctx=512, verbose=False)
+    return Llama(model_path=str(find_embedded_gguf()), n_threads=threads, n_ctx=context, verbose=False)
 
 
 def llama_cpp_seconds(runner, tokens: int) -> float:

@@ -69,9 +69,17 @@ class Engines:
         self.llm = la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=64, models=[self.fp32, self.q4])
         self.hf = (AutoModelForCausalLM.from_pretrained(self.fp32.path).eval(),
                    AutoTokenizer.from_pretrained(self.fp32.path))
-        self.llama = llama_cpp_runner(torch.get_num_threads())
+        self.llama: dict[int, object] = {}   # by context window: llama.cpp's cost grows with it
         self.names = ["lmarith fp32", "lmarith Q4_1", "transformers fp32"] + \
-            (["llama.cpp Q4_1"] if self.llama is not None else [])
+            (["llama.cpp Q4_1"] if llama_cpp_runner(1, 64) is not None else [])
+
+    def llama_for(self, prompt: str, tokens: int):
+        """A llama.cpp runner whose window just holds the prompt and the new tokens."""
+        needed = len(self.hf[1](prompt).input_ids) + tokens + 64
+        window = 512 if needed <= 512 else 1 << (needed - 1).bit_length()
+        if window not in self.llama:
+            self.llama[window] = llama_cpp_runner(torch.get_num_threads(), context=window)
+        return self.llama[window]
 
     def rate(self, name: str, prompt: str, batch: int, tokens: int) -> float | None:
         if name == "lmarith fp32":
@@ -80,7 +88,7 @@ class Engines:
             return lmarith_rate(self.llm, self.q4, prompt, batch, tokens)
         if name == "transformers fp32":
             return transformers_rate(self.hf, prompt, batch, tokens)
-        return llama_cpp_rate(self.llama, prompt, tokens) if batch == 1 else None
+        return llama_cpp_rate(self.llama_for(prompt, tokens), prompt, tokens) if batch == 1 else None
 
 
 def sweep(engines: Engines, points: list[tuple[str, int]], tokens: int, repeats: int) -> dict:
@@ -102,16 +110,20 @@ def scaling_plot(path: str, batches: list[int], contexts: list[int], tokens: int
     """The batch and context sweeps: a markdown table and a two-panel plot."""
     engines = Engines()
     tokenizer = engines.hf[1]
-    by_batch = sweep(engines, [(SHORT, b) for b in batches], tokens, repeats)
-    by_context = sweep(engines, [(prompt_of(tokenizer, c), 1) for c in contexts], tokens, repeats)
     print("| sweep | point | " + " | ".join(engines.names) + " |")
     print("|---|---|" + "---|" * len(engines.names))
-    for label, table, axis in (("batch", by_batch, batches), ("context", by_context, contexts)):
-        for index, point in enumerate(axis):
-            cells = [f"{table[n, index]:.1f}" if (n, index) in table else "-" for n in engines.names]
-            print(f"| {label} | {point} | " + " | ".join(cells) + " |", flush=True)
+    by_batch = sweep(engines, [(SHORT, b) for b in batches], tokens, repeats)
+    print_rows("batch", by_batch, batches, engines.names)
+    by_context = sweep(engines, [(prompt_of(tokenizer, c), 1) for c in contexts], tokens, repeats)
+    print_rows("context", by_context, contexts, engines.names)
     draw(path, engines.names, (batches, by_batch), (contexts, by_context))
     print(f"plot: {path}")
+
+
+def print_rows(label: str, table: dict, points: list[int], names: list[str]) -> None:
+    for index, point in enumerate(points):
+        cells = [f"{table[n, index]:.1f}" if (n, index) in table else "-" for n in names]
+        print(f"| {label} | {point} | " + " | ".join(cells) + " |", flush=True)
 
 
 def draw(path: str, names: list[str], batch_sweep: tuple, context_sweep: tuple) -> None:
