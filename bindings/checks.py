@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lmarith.kernels.quant_formats import QuantWeight
+from lmarith.kernels.reference_bf16 import BF16Weight
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -200,3 +201,22 @@ def validate_quant_matmul(x: torch.Tensor, weight: QuantWeight, **face_options) 
                          f"{weight.in_features}")
     _check_dtype("x", x, (torch.float32, torch.bfloat16), "a float32 or bfloat16")
     return _check_same_device({"x": x, "weight.data": weight.data})
+
+
+def validate_bf16_linear(x: torch.Tensor, weight: BF16Weight, bias: torch.Tensor | None = None,
+                         **face_options) -> torch.device:
+    """x [M, K] float32/bfloat16, a packed BF16Weight [N, K] and bias [N] (or None) on one
+    device; returns that device."""
+    if not isinstance(weight, BF16Weight):
+        raise ValueError(f"weight must be a lmarith.kernels.reference_bf16.BF16Weight, got "
+                         f"{type(weight).__name__}; pack it with ops.pack_bf16(w)")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != weight.in_features:
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor [M, {weight.in_features}], got {shape}")
+    _check_dtype("x", x, (torch.float32, torch.bfloat16), "a float32 or bfloat16")
+    tensors = {"x": x, "weight.data": weight.data}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.out_features,):
+            raise ValueError(f"bias must be a tensor [{weight.out_features}] or None")
+        tensors["bias"] = bias
+    return _check_same_device(tensors)

@@ -4,6 +4,8 @@ already checked by bindings/checks.py: tensors are made contiguous in the dtypes
 read and passed as raw pointers, so _C never depends on torch's C++ ABI."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lmarith.kernels import reference_attention
@@ -22,6 +24,15 @@ _LOGITS_F32, _LOGITS_BF16 = 0, 1
 def available() -> bool:
     """True when the C++ extension lmarith._C imported."""
     return _C is not None
+
+
+def isa_code(env: str, codes: dict[str, int], isa: str | None = None) -> int:
+    """A kernel family's instruction-path code for `isa` (default: $env, else "auto"); the
+    families (quant_matmul, bf16_matmul) each name their paths and their variable."""
+    name = (isa or os.environ.get(env) or "auto").lower()
+    if name not in codes:
+        raise ValueError(f"{env} must be one of {', '.join(codes)}, got {name!r}")
+    return codes[name]
 
 
 def _contiguous(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

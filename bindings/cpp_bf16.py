@@ -1,5 +1,5 @@
-"""The C++ face (lmarith._C.bf16_matmul) of bf16_linear, and the input checks every face of
-that op shares.
+"""The C++ face (lmarith._C.bf16_matmul) of bf16_linear, on inputs already checked by
+bindings/checks.py.
 
 The kernel's instruction path is chosen at run time from the CPU's features (AVX512-BF16,
 else AVX2, else scalar); the environment variable LMARITH_BF16_ISA = avx512bf16 | avx2 |
@@ -7,7 +7,6 @@ scalar forces one (tests run every path on one CPU; a path the CPU lacks raises)
 when a call is prepared, so a test can set it with monkeypatch."""
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
@@ -22,37 +21,12 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}                 # csrc Logi
 
 def isa_code(isa: Optional[str] = None) -> int:
     """The path code for `isa` (default: $LMARITH_BF16_ISA, else auto)."""
-    name = (isa or os.environ.get(ISA_ENV) or "auto").lower()
-    if name not in ISA_CODES:
-        raise ValueError(f"{ISA_ENV} must be one of {', '.join(ISA_CODES)}, got {name!r}")
-    return ISA_CODES[name]
+    return cpp.isa_code(ISA_ENV, ISA_CODES, isa)
 
 
 def isa_supported(isa: str) -> bool:
     """Whether the extension built and this CPU runs the named path."""
     return cpp.available() and cpp._C.bf16_isa_supported(ISA_CODES[isa])
-
-
-def validate(x: torch.Tensor, weight: BF16Weight, bias: Optional[torch.Tensor] = None,
-             **face_options) -> torch.device:
-    """x [M, K] float32/bfloat16, a packed BF16Weight [N, K] and bias [N] (or None) on one
-    device; returns that device."""
-    if not isinstance(weight, BF16Weight):
-        raise ValueError(f"weight must be a lmarith.kernels.reference_bf16.BF16Weight, got "
-                         f"{type(weight).__name__}; pack it with ops.pack_bf16(w)")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != weight.in_features:
-        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a tensor [M, {weight.in_features}], got {shape}")
-    if x.dtype not in _DTYPE_CODES:
-        raise ValueError(f"x must be a float32 or bfloat16 tensor, got {x.dtype}")
-    devices = {x.device, weight.data.device}
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.out_features,):
-            raise ValueError(f"bias must be a tensor [{weight.out_features}] or None")
-        devices.add(bias.device)
-    if len(devices) != 1:
-        raise ValueError(f"x, weight and bias must be on one device, got {sorted(map(str, devices))}")
-    return x.device
 
 
 def bf16_linear(x: torch.Tensor, weight: BF16Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

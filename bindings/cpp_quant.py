@@ -6,7 +6,6 @@ forces one (tests run every path on one CPU; a path the CPU lacks raises). Read 
 so a test can set it with monkeypatch."""
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -20,10 +19,7 @@ ISA_ENV = "LMARITH_QUANT_ISA"
 
 def isa_code(isa: str | None = None) -> int:
     """The path code for `isa` (default: $LMARITH_QUANT_ISA, else auto)."""
-    name = (isa or os.environ.get(ISA_ENV) or "auto").lower()
-    if name not in ISA_CODES:
-        raise ValueError(f"{ISA_ENV} must be one of {', '.join(ISA_CODES)}, got {name!r}")
-    return ISA_CODES[name]
+    return cpp.isa_code(ISA_ENV, ISA_CODES, isa)
 
 
 def isa_supported(isa: str) -> bool:

@@ -79,7 +79,7 @@ _FACES: dict[str, dict[str, Callable]] = {
 _CHECKS = {"combine": checks.validate_combine, "sample": checks.validate_sample,
            "store_kv": checks.validate_store_kv, "paged_attention": checks.validate_paged_attention,
            "spec_accept": checks.validate_spec_accept,
-           "quant_matmul": checks.validate_quant_matmul, "bf16_linear": cpp_bf16.validate}
+           "quant_matmul": checks.validate_quant_matmul, "bf16_linear": checks.validate_bf16_linear}
 
 
 def cpp_available() -> bool:
@@ -246,7 +246,7 @@ def pack_bf16(w: torch.Tensor) -> BF16Weight:
 def bf16_linear(x: torch.Tensor, weight: BF16Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T + bias for a packed bf16 weight, in x's dtype (x rounded to
     bf16, float32 sums): on CPU the C++ kernel reads half the bytes of a float32 matmul."""
-    device = cpp_bf16.validate(x, weight, bias)
+    device = checks.validate_bf16_linear(x, weight, bias)
     return _dispatch("bf16_linear", device)(x, weight, bias)
 
 
@@ -254,7 +254,8 @@ def prepared_bf16_linear(weight: BF16Weight, bias: torch.Tensor | None = None
                          ) -> Callable[[torch.Tensor], torch.Tensor]:
     """bf16_linear bound to one weight and bias, checked here once (a model layer's): the
     returned call(x [M, K]) checks only that x has K columns, then runs the face."""
-    device = cpp_bf16.validate(torch.empty(0, weight.in_features, device=weight.data.device), weight, bias)
+    device = checks.validate_bf16_linear(torch.empty(0, weight.in_features, device=weight.data.device),
+                                         weight, bias)
     face = _dispatch("bf16_linear", device)
     call = cpp_bf16.prepared(weight, bias) if face is cpp_bf16.bf16_linear else (lambda x: face(x, weight, bias))
 
