@@ -140,8 +140,9 @@ class LLMEngine:
         """One forward per model; each sequence that wants logits gets its rows, and every
         request with a term on a model whose forward raised is reported as failed."""
         work: dict[ModelSpec, list[tuple[Request, Sequence, ForwardItem]]] = {}
+        parallel = self.config.tensor_parallel_size > 1
         for request, pieces in batch.work:
-            full = needs_full_logits(request)
+            full = not parallel or needs_full_logits(request)
             for seq, count, wanted in pieces:
                 item = ForwardItem(seq.token_ids, seq.block_table, seq.num_computed, count,
                                    num_logits=wanted, full_logits=full)

@@ -24,9 +24,9 @@ class CommStats:
     bytes: int = 0
     seconds: float = 0.0
 
-    def add(self, tensor: torch.Tensor, started: float) -> None:
+    def add(self, num_bytes: int, started: float) -> None:
         self.calls += 1
-        self.bytes += tensor.numel() * tensor.element_size()
+        self.bytes += num_bytes
         self.seconds += time.perf_counter() - started
 
 
@@ -84,12 +84,12 @@ class Communicator:
         if self.group is not None:
             started = time.perf_counter()
             if self.shm is not None and self.shm.all_reduce_(tensor, op):
-                self.stats.add(tensor, started)
+                self.stats.add(tensor.numel() * tensor.element_size(), started)
                 return tensor
             options = dist.AllreduceOptions()
             options.reduceOp = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
             self.group.allreduce([tensor], options).wait()
-            self.stats.add(tensor, started)
+            self.stats.add(tensor.numel() * tensor.element_size(), started)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -102,7 +102,7 @@ class Communicator:
         if gathered is None:
             gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
             self.group.allgather([gathered], [tensor.contiguous()]).wait()
-        self.stats.add(tensor, started)
+        self.stats.add(tensor.numel() * tensor.element_size(), started)
         return gathered
 
     def broadcast_object(self, value: Any = None) -> Any:
@@ -113,7 +113,7 @@ class Communicator:
         if self.shm is not None:
             started = time.perf_counter()
             received = broadcast_bytes_through(self.shm, payload, self.rank)
-            self.stats.add(torch.empty(len(payload), dtype=torch.uint8), started)
+            self.stats.add(len(payload), started)
             if received is not None:
                 return value if self.rank == 0 else pickle.loads(received)
         size = torch.zeros(1, dtype=torch.int64)
@@ -147,7 +147,7 @@ class Communicator:
             options = dist.BroadcastOptions()
             options.rootRank = 0
             self.cpu_group.broadcast([tensor], options).wait()
-            self.stats.add(tensor, started)
+            self.stats.add(tensor.numel() * tensor.element_size(), started)
 
     def close(self) -> None:
         """Release the process group."""

@@ -49,16 +49,17 @@ class ModelRunner:
                  comm: Optional[Communicator] = None) -> None:
         self.spec = spec
         self.device = device
-        parallel = None
+        parallel, tokenizer = None, None
         if comm is not None and comm.world_size > 1:   # shards need the tokenizer's vocabulary
             if spec.quantization is not None:
                 raise ConfigError(f"tensor parallelism runs float weights, but {spec} is quantized; "
                                   "give dtype float32 or bfloat16, or tensor_parallel_size=1")
             check_model_path(spec.path)
-            parallel = TensorParallel(comm, len(load_tokenizer(spec.path)))
+            tokenizer = load_tokenizer(spec.path)
+            parallel = TensorParallel(comm, len(tokenizer))
         self.model = load_model(spec.path, spec.torch_dtype, device, spec.quantization, parallel)
         self.config = self.model.config
-        self.tokenizer = load_tokenizer(spec.path)
+        self.tokenizer = tokenizer or load_tokenizer(spec.path)
         self.vocab_size = len(self.tokenizer)
         if self.vocab_size > self.config.vocab_size:
             raise ModelLoadError(f"{spec.path}: the tokenizer has {self.vocab_size} tokens but the "

@@ -6,7 +6,6 @@ page copies (sent with the next forward), the forwards, and the draws on vocabul
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 from typing import Iterable, Union
 
@@ -18,7 +17,7 @@ from ..decoding.vocab_shards import ShardRow
 from ..distributed import Communicator
 from ..errors import ConfigError, EngineError, ModelLoadError
 from .model_runner import ForwardItem
-from .rank import Blocks, Rank, rank_main
+from .rank import Blocks, Rank, rank_main, rank_threads
 
 
 class ParallelWorker:
@@ -29,7 +28,7 @@ class ParallelWorker:
         if config.device.startswith("cuda") and size > torch.cuda.device_count():
             raise ConfigError(f"tensor_parallel_size={size} needs {size} GPUs, this machine has "
                               f"{torch.cuda.device_count()}; lower tensor_parallel_size")
-        torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // size))
+        torch.set_num_threads(rank_threads(config))
         store = Communicator.host_store(size)
         context = multiprocessing.get_context("spawn")
         self.processes = [context.Process(target=rank_main, args=(rank, config, store.port),
@@ -44,7 +43,6 @@ class ParallelWorker:
         self._lock = threading.Lock()
         self._copies: list[tuple[int, int]] = []
         self._closed = False
-        self.pages_copied = 0           # copy-on-write copies sent to every rank
         self.sharded_draws = 0          # rows drawn on vocabulary shards
         self.gathered_draws = 0         # rows drawn from whole-vocabulary (gathered) logits
 
@@ -97,7 +95,6 @@ class ParallelWorker:
     def copy_page(self, source: int, target: int) -> None:
         """Queued: every rank copies its share just before the next forward reads the page."""
         self._copies.append((source, target))
-        self.pages_copied += 1
 
     def execute_items(self, work: dict[ModelSpec, list[ForwardItem]]) -> Blocks:
         """One sharded forward per model on every rank; each item's logits block is either
@@ -142,10 +139,6 @@ class ParallelWorker:
                 return None
             refs.append(ref)
         return refs
-
-    def all_reduce_seconds(self, shape: tuple[int, ...], repeats: int = 100) -> float:
-        """The group's latency: seconds per all-reduce of a float32 tensor of this shape."""
-        return self._call("probe", tuple(shape), repeats)
 
     def shutdown(self) -> None:
         """Stop every rank (idempotent)."""

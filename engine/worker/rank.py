@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 from dataclasses import replace
 from typing import Any, Union
 
@@ -102,15 +101,6 @@ class Rank:
                                for slot in range(num_terms)])
         return draw(stacked, rows, vocab, self.comm)
 
-    def do_probe(self, shape: tuple[int, ...], repeats: int) -> float:
-        """Seconds per all-reduce of a float32 tensor of this shape (the group's latency)."""
-        tensor = torch.zeros(shape, device=self.comm.device)
-        self.comm.all_reduce(tensor)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            self.comm.all_reduce(tensor)
-        return (time.perf_counter() - started) / repeats
-
     def do_stop(self) -> None:
         self.comm.close()
 
@@ -124,6 +114,11 @@ def _portable(error: BaseException | None):
         return error
     except Exception:
         return f"{type(error).__name__}: {error}"
+
+
+def rank_threads(config: EngineConfig) -> int:
+    """Threads of each rank: num_threads when given, else the cores split over the ranks."""
+    return config.num_threads or max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
 
 
 def _die_with_parent() -> None:
@@ -140,8 +135,7 @@ def rank_main(rank: int, config: EngineConfig, port: int) -> None:
     """A non-zero rank's process: join rank 0's group, then run its commands until stop
     (and die with rank 0's process, should that be killed)."""
     _die_with_parent()
-    threads = config.num_threads or max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(rank_threads(config))
     device = f"cuda:{rank}" if config.device.startswith("cuda") else config.device
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
