@@ -36,9 +36,11 @@ def weight_bytes(llm: la.LLM, model: la.Model) -> int:
     return total
 
 
-def lmarith_seconds(llm: la.LLM, model: la.Model, batch: int, tokens: int) -> float:
+def lmarith_seconds(llm: la.LLM, model: la.Model, batch: int, tokens: int,
+                    prompt: str = PROMPT) -> float:
+    """Seconds per decode step of `batch` copies of prompt (first token to last)."""
     params = la.SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
-    outputs = llm.generate([PROMPT] * batch, model, params)
+    outputs = llm.generate([prompt] * batch, model, params)
     return max(o.metrics.decode_time for o in outputs) / tokens
 
 
@@ -51,12 +53,14 @@ def llama_cpp_runner(threads: int, context: int = 512):
     return Llama(model_path=str(find_embedded_gguf()), n_threads=threads, n_ctx=context, verbose=False)
 
 
-def llama_cpp_seconds(runner, tokens: int) -> float:
-    """Decode seconds per token of llama.cpp: (generate(N) - generate(1)) / (N - 1), greedy."""
+def llama_cpp_seconds(runner, tokens: int, prompt: str = PROMPT) -> float:
+    """Decode seconds per token of llama.cpp: (generate(N) - generate(1)) / (N - 1), greedy,
+    after one call that evaluates the prompt (llama.cpp keeps its KV between calls)."""
     def run(count: int) -> float:
         start = time.perf_counter()
-        runner(PROMPT, max_tokens=count, temperature=0.0, top_k=1)
+        runner(prompt, max_tokens=count, temperature=0.0, top_k=1)
         return time.perf_counter() - start
+    run(1)
     return (run(tokens + 1) - run(1)) / tokens
 
 

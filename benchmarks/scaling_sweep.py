@@ -12,6 +12,7 @@ alternated with the others at every point of one run:
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import subprocess
 import sys
@@ -21,19 +22,12 @@ import torch
 
 import lmarith as la
 from context_sweep import prompt_of
-from dtype_sweep import llama_cpp_runner
+from dtype_sweep import llama_cpp_runner, llama_cpp_seconds, lmarith_seconds
 from lmarith.embedded import embedded_model
 
 SHORT = "Tell me about cats."
 STREAMER = ("import numpy as np\nsource = np.ones(32 << 20)\ntarget = np.empty_like(source)\n"
             "while True:\n    np.copyto(target, source)\n")
-
-
-def lmarith_rate(llm: la.LLM, model: la.Model, prompt: str, batch: int, tokens: int) -> float:
-    """Decode tokens/s of `batch` copies of prompt (first token to last, prefill excluded)."""
-    params = la.SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
-    outputs = llm.generate([prompt] * batch, model, params)
-    return batch * tokens / max(o.metrics.decode_time for o in outputs)
 
 
 def transformers_rate(hf: tuple, prompt: str, batch: int, tokens: int) -> float:
@@ -50,16 +44,6 @@ def transformers_rate(hf: tuple, prompt: str, batch: int, tokens: int) -> float:
     return batch * tokens / (run(tokens + 1) - run(1))
 
 
-def llama_cpp_rate(runner, prompt: str, tokens: int) -> float:
-    """Decode tokens/s of llama.cpp (it keeps the prompt's KV between the two calls)."""
-    def run(count: int) -> float:
-        start = time.perf_counter()
-        runner(prompt, max_tokens=count, temperature=0.0, top_k=1)
-        return time.perf_counter() - start
-    run(1)
-    return tokens / (run(tokens + 1) - run(1))
-
-
 class Engines:
     """The engines a sweep alternates; rate(name, prompt, batch, tokens) -> tokens/s."""
 
@@ -71,7 +55,7 @@ class Engines:
                    AutoTokenizer.from_pretrained(self.fp32.path))
         self.llama: dict[int, object] = {}   # by context window: llama.cpp's cost grows with it
         self.names = ["lmarith fp32", "lmarith Q4_1", "transformers fp32"] + \
-            (["llama.cpp Q4_1"] if llama_cpp_runner(1, 64) is not None else [])
+            (["llama.cpp Q4_1"] if importlib.util.find_spec("llama_cpp") else [])
 
     def llama_for(self, prompt: str, tokens: int):
         """A llama.cpp runner whose window just holds the prompt and the new tokens."""
@@ -82,13 +66,14 @@ class Engines:
         return self.llama[window]
 
     def rate(self, name: str, prompt: str, batch: int, tokens: int) -> float | None:
-        if name == "lmarith fp32":
-            return lmarith_rate(self.llm, self.fp32, prompt, batch, tokens)
-        if name == "lmarith Q4_1":
-            return lmarith_rate(self.llm, self.q4, prompt, batch, tokens)
+        if name in ("lmarith fp32", "lmarith Q4_1"):
+            model = self.fp32 if name == "lmarith fp32" else self.q4
+            return batch / lmarith_seconds(self.llm, model, batch, tokens, prompt)
         if name == "transformers fp32":
             return transformers_rate(self.hf, prompt, batch, tokens)
-        return llama_cpp_rate(self.llama_for(prompt, tokens), prompt, tokens) if batch == 1 else None
+        if batch > 1:
+            return None
+        return 1 / llama_cpp_seconds(self.llama_for(prompt, tokens), tokens, prompt)
 
 
 def sweep(engines: Engines, points: list[tuple[str, int]], tokens: int, repeats: int) -> dict:
