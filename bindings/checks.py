@@ -220,3 +220,45 @@ def validate_bf16_linear(x: torch.Tensor, weight: BF16Weight, bias: torch.Tensor
             raise ValueError(f"bias must be a tensor [{weight.out_features}] or None")
         tensors["bias"] = bias
     return _check_same_device(tensors)
+
+
+def validate_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      residual: torch.Tensor | None = None, **face_options) -> torch.device:
+    """x [..., H] float, weight [H] and residual (x's shape and dtype, or None) on one device."""
+    tensors = {"x": x, "weight": weight} if residual is None else {"x": x, "weight": weight,
+                                                                   "residual": residual}
+    _check_tensors(tensors)
+    _check_dtype("x", x, _FLOAT_DTYPES, "a floating-point")
+    if x.dim() == 0 or tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"weight must be [{x.shape[-1] if x.dim() else 'H'}] for x "
+                         f"{list(x.shape)}, got {list(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual must match x ({list(x.shape)}, {x.dtype}), got "
+                         f"{list(residual.shape)}, {residual.dtype}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    return _check_same_device(tensors)
+
+
+def validate_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    **face_options) -> torch.device:
+    """x [N, heads, D] (D even) rotated in place by cos/sin [N, 1, D] in x's dtype."""
+    tensors = {"x": x, "cos": cos, "sin": sin}
+    _check_tensors(tensors)
+    _check_dtype("x", x, _FLOAT_DTYPES, "a floating-point")
+    if x.dim() != 3 or x.shape[2] % 2:
+        raise ValueError(f"x must be [N, heads, D] with D even, got {list(x.shape)}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        _check_shape(name, table, (x.shape[0], 1, x.shape[2]))
+        if table.dtype != x.dtype:
+            raise ValueError(f"{name} must be in x's dtype {x.dtype}, got {table.dtype}")
+    return _check_same_device(tensors)
+
+
+def validate_silu_mul(gate_up: torch.Tensor, **face_options) -> torch.device:
+    """gate_up [..., 2I] float (gate then up)."""
+    _check_tensors({"gate_up": gate_up})
+    _check_dtype("gate_up", gate_up, _FLOAT_DTYPES, "a floating-point")
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up must be [..., 2I] (an even last axis), got {list(gate_up.shape)}")
+    return gate_up.device

@@ -17,6 +17,8 @@
 
 namespace py = pybind11;
 
+void bind_layer_ops(py::module_& m);  // bindings/layer_module.cpp
+
 namespace {
 
 using Int2 = std::array<int64_t, 2>;
@@ -229,6 +231,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("bf16_isa_supported", [](int isa) {
           return lmarith::bf16_isa_supported(static_cast<lmarith::Bf16Isa>(isa)); },
         py::arg("isa"), "Whether this CPU runs bf16_matmul path isa (1 scalar, 2 avx2, 3 avx512-bf16).");
+  bind_layer_ops(m);
   m.def("built_with_openmp", &lmarith::built_with_openmp,
         "True when rows run in parallel through OpenMP.");
   using lmarith::ShmAllReduce;

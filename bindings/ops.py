@@ -21,6 +21,10 @@ spec_accept(target [B,K+1,V], draft [B,K,V], draft_tokens [B,K], num_drafts, see
 quant_matmul(x [M,K] f32/bf16, weight: QuantWeight [N,K] in GGML blocks) -> [M,N] f32
     (x @ W.T; the C++ face quantises x per 32-block to int8)   semantics: kernels/reference_quant.py
 dequantize(weight) -> [N,K] f32, quantize_q8_0(w [N,K]) -> QuantWeight     (torch face only)
+rms_norm(x [..,H], weight [H], eps, residual | None) -> (weight * norm(x + residual), x + residual | None)
+rotary(x [N,heads,D], cos, sin [N,1,D]) -> None (x rotated in place, rotate-half pairs)
+silu_mul(gate_up [..,2I]) -> silu(gate) * up [..,I]      (the three: kernels/reference_layers.py;
+    C++ faces: csrc/layer_ops.cpp, as is store_kv's; no Triton face, CUDA runs torch's)
 bf16_linear(x [M,K] f32/bf16, weight: BF16Weight [N,K] packed bf16, bias [N] | None) -> [M,N] in
     x's dtype (x rounded to bf16, f32 sums; C++ face: csrc/bf16_matmul.cpp, AVX512-BF16 /
     AVX2 / scalar). No Triton face: on CUDA the torch face runs (F.linear, cuBLAS), and CUDA
@@ -35,14 +39,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from lmarith.bindings import checks, cpp, cpp_bf16, cpp_quant
-from lmarith.kernels import (reference, reference_attention, reference_bf16, reference_quant,
-                             reference_speculative)
+from lmarith.bindings import checks, cpp, cpp_bf16, cpp_layers, cpp_quant
+from lmarith.kernels import (reference, reference_attention, reference_bf16, reference_layers,
+                             reference_quant, reference_speculative)
 from lmarith.kernels.reference_bf16 import BF16Weight
 from lmarith.kernels.quant_formats import QuantWeight
 
 __all__ = ["combine", "sample", "store_kv", "paged_attention", "spec_accept", "filtered_log_probs", "quant_matmul", "prepared_quant_matmul",
-           "dequantize", "quantize_q8_0", "bf16_linear", "prepared_bf16_linear", "pack_bf16", "run", "faces", "face_for",
+           "dequantize", "quantize_q8_0", "bf16_linear", "rms_norm", "rotary", "silu_mul", "prepared_bf16_linear", "pack_bf16", "run", "faces", "face_for",
            "combine_cpp", "sample_cpp", "cpp_available"]
 
 
@@ -64,7 +68,8 @@ def _triton(module: str, name: str) -> Callable:
 _FACES: dict[str, dict[str, Callable]] = {
     "combine": {"torch": _torch_combine, "triton": _triton("combine", "combine"), "cpp": cpp.combine},
     "sample": {"torch": reference.sample, "triton": _triton("sample", "sample"), "cpp": cpp.sample},
-    "store_kv": {"torch": reference_attention.store_kv, "triton": _triton("store_kv", "store_kv")},
+    "store_kv": {"torch": reference_attention.store_kv, "triton": _triton("store_kv", "store_kv"),
+                 "cpp": cpp_layers.store_kv},
     "paged_attention": {"torch": reference_attention.paged_attention,
                         "triton": _triton("paged_attention", "paged_attention"),
                         "cpp": cpp.paged_attention},
@@ -75,11 +80,16 @@ _FACES: dict[str, dict[str, Callable]] = {
                      "triton": _triton("quant_matmul", "quant_matmul"),
                      "cpp": cpp_quant.quant_matmul},
     "bf16_linear": {"torch": reference_bf16.bf16_linear, "cpp": cpp_bf16.bf16_linear},
+    "rms_norm": {"torch": reference_layers.rms_norm, "cpp": cpp_layers.rms_norm},
+    "rotary": {"torch": reference_layers.rotary, "cpp": cpp_layers.rotary},
+    "silu_mul": {"torch": reference_layers.silu_mul, "cpp": cpp_layers.silu_mul},
 }
 _CHECKS = {"combine": checks.validate_combine, "sample": checks.validate_sample,
            "store_kv": checks.validate_store_kv, "paged_attention": checks.validate_paged_attention,
            "spec_accept": checks.validate_spec_accept,
-           "quant_matmul": checks.validate_quant_matmul, "bf16_linear": checks.validate_bf16_linear}
+           "quant_matmul": checks.validate_quant_matmul, "bf16_linear": checks.validate_bf16_linear,
+           "rms_norm": checks.validate_rms_norm, "rotary": checks.validate_rotary,
+           "silu_mul": checks.validate_silu_mul}
 
 
 def cpp_available() -> bool:
@@ -167,6 +177,26 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     device = checks.validate_paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
     return _dispatch("paged_attention", device)(query, key_cache, value_cache, meta, scale,
                                                 sliding_window)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight * rmsnorm(s), s) with s = x + residual, or (weight * rmsnorm(x), None): the
+    residual add and norm of a pre-norm block in one op."""
+    device = checks.validate_rms_norm(x, weight, eps, residual)
+    return _dispatch("rms_norm", device)(x, weight, eps, residual)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half rotary embedding of x [N, heads, D] in place (cos/sin [N, 1, D])."""
+    device = checks.validate_rotary(x, cos, sin)
+    _dispatch("rotary", device)(x, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused gate/up projection's output [..., 2I] -> [..., I]."""
+    device = checks.validate_silu_mul(gate_up)
+    return _dispatch("silu_mul", device)(gate_up)
 
 
 def spec_accept(target_log_probs: torch.Tensor, draft_log_probs: torch.Tensor,

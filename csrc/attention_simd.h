@@ -17,14 +17,8 @@ namespace attention {
 using detail::bits_float;
 using detail::float_bits;
 
-inline float bf16_to_float(uint16_t bits) { return bits_float(static_cast<uint32_t>(bits) << 16); }
-
-// Round-to-nearest-even bfloat16 (NaN stays NaN).
-inline uint16_t float_to_bf16(float value) {
-  const uint32_t bits = float_bits(value);
-  if (value != value) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
+using detail::bf16_to_float;
+using detail::float_to_bf16;
 
 // One element of a float32 (kFloat32) or bfloat16 (kBFloat16) buffer, as float.
 inline float load(const void* base, AttnDtype dtype, int64_t index) {

@@ -132,6 +132,15 @@ inline float bits_float(uint32_t bits) {
   return value;
 }
 
+inline float bf16_to_float(uint16_t bits) { return bits_float(static_cast<uint32_t>(bits) << 16); }
+
+// Round-to-nearest-even bfloat16 (NaN stays NaN).
+inline uint16_t float_to_bf16(float value) {
+  const uint32_t bits = float_bits(value);
+  if (value != value) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
 // True for finite values; false for +-inf and NaN. Branch-free so loops vectorise.
 inline bool is_finite(float value) { return std::fabs(value) < kInf; }
 

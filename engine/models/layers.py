@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmarith.bindings import ops
 from lmarith.models.config import ModelConfig
 
 
@@ -31,18 +32,18 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, scaled by a learned weight in the model dtype."""
+    """Root-mean-square norm computed in float32, scaled by a learned weight in the model
+    dtype; given a residual, the residual add is fused in (ops.rms_norm)."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise the last axis."""
-        wide = x.float()
-        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * wide.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Normalise the last axis: norm(x), or (norm(x + residual), x + residual)."""
+        normed, summed = ops.rms_norm(x, self.weight, self.eps, residual)
+        return normed if residual is None else (normed, summed)
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -84,12 +85,6 @@ class RotaryEmbedding:
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, heads, head_dim] by position: pairs are (i, i + head_dim/2)."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
-
-
 class GatedMLP(nn.Module):
     """act(gate(x)) * up(x) -> down, with gate and up fused into one matmul."""
 
@@ -99,10 +94,14 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
         self.act = activation(config.hidden_act)
+        self.fused_silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Feed-forward block."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        """Feed-forward block (SiLU's gate and product in one op)."""
+        gate_up = self.gate_up_proj(x)
+        if self.fused_silu:
+            return self.down_proj(ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -10,10 +10,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lmarith.bindings import ops
 from lmarith.models.attention import AttentionMetadata, KVCache, paged_self_attention
 from lmarith.models.config import ModelConfig
-from lmarith.models.layers import (CausalLMHead, GatedMLP, RMSNorm, RotaryEmbedding, WeightFiller,
-                                   apply_rotary)
+from lmarith.models.layers import CausalLMHead, GatedMLP, RMSNorm, RotaryEmbedding, WeightFiller
 from lmarith.models.sharding import Split
 
 
@@ -43,19 +43,24 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         """Attend the new tokens x [N, hidden] over their cached context; writes their K/V."""
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            ops.rotary(q, *rope)
+            ops.rotary(k, *rope)
+        else:   # q and k sit side by side in qkv: one rotary call, in place
+            ops.rotary(qkv[:, : self.sizes[0] + self.sizes[1]].view(num_tokens, -1, self.head_dim), *rope)
         out = paged_self_attention(q, k, v, cache, meta, self.scale, self.window)
         return self.o_proj(out.reshape(num_tokens, self.sizes[0]))
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); each residual add is fused
+    into the next norm (the running sum travels beside the block's output, as in vLLM)."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -64,11 +69,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = GatedMLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
-        """One transformer block over the step's new tokens."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block over the step's new tokens: (its output, the residual sum before it);
+        their sum is the block's result. residual None: x is the embedding."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(x), x
+        else:
+            hidden, residual = self.input_layernorm(x, residual)
+        hidden, residual = self.post_attention_layernorm(self.self_attn(hidden, rope, meta, cache), residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -113,11 +124,11 @@ class LlamaForCausalLM(CausalLMHead):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """Hidden states [N, hidden] of this step's new tokens; their K/V go into kv_caches."""
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         rope = self.rotary.cos_sin(positions, x.dtype)
         for layer, cache in zip(self.model.layers, kv_caches):
-            x = layer(x, rope, meta, cache)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, meta, cache)
+        return self.model.norm(x, residual)[0]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from (Hugging Face name, tensor) pairs, fusing q/k/v and gate/up."""

@@ -69,10 +69,36 @@ def test_store_kv_rejects_bad_shapes(face, paged_batch) -> None:
 
 
 def test_dispatch_picks_the_face_for_the_device() -> None:
-    """No C++ face: CPU -> torch, CUDA -> triton; an unknown face name is a ValueError."""
-    assert ops.faces(OP) == ["torch", "triton"]
-    assert ops.face_for(OP, torch.device("cpu")) == "torch"
+    """CPU -> cpp (when the extension built), CUDA -> triton; an unknown face is a ValueError."""
+    assert ops.faces(OP)[:2] == ["torch", "triton"]
+    assert ops.face_for(OP, torch.device("cpu")) == ("cpp" if ops.cpp_available() else "torch")
     assert ops.face_for(OP, torch.device("cuda")) == "triton"
-    with pytest.raises(ValueError, match="no 'cpp' face"):
-        ops.run(OP, "cpp", *(torch.zeros(1, 1, 1),) * 2, *(torch.zeros(1, 1, 1, 1),) * 2,
+    with pytest.raises(ValueError, match="no 'cuda' face"):
+        ops.run(OP, "cuda", *(torch.zeros(1, 1, 1),) * 2, *(torch.zeros(1, 1, 1, 1),) * 2,
                 torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+
+
+def test_store_kv_from_strided_qkv_rows(face, device, paged_batch) -> None:
+    """K and V as the model passes them: views into one wider qkv row per token."""
+    batch = paged_batch(ratio=1, head_dim=16, dtype=torch.float32, seed=3)
+    tokens, heads, dim = batch.new_keys.shape
+    qkv = torch.cat([torch.randn(tokens, 5), batch.new_keys.reshape(tokens, -1),
+                     batch.new_values.reshape(tokens, -1)], dim=1)
+    batch.new_keys = qkv[:, 5: 5 + heads * dim].view(tokens, heads, dim)
+    batch.new_values = qkv[:, 5 + heads * dim:].view(tokens, heads, dim)
+    assert torch.equal(store(face, batch, device), expected_arena(batch))
+
+
+@pytest.mark.faces("torch", "cpp")
+def test_store_kv_refuses_slots_outside_the_cache(face, paged_batch) -> None:
+    """A page past the cache raises before anything is written (no stray write). The Triton
+    face trusts the engine's slots, as a CUDA kernel does (no bounds check per token)."""
+    batch = paged_batch(ratio=1, head_dim=16, dtype=torch.float32)
+    before = batch.arena.clone()
+    pages = batch.meta.slot_pages.clone()
+    pages[-1] = batch.key_cache.shape[0]
+    with pytest.raises((ValueError, IndexError)):
+        ops.run(OP, face, batch.new_keys, batch.new_values, batch.key_cache, batch.value_cache,
+                pages, batch.meta.slot_offsets)
+    if face == "cpp":
+        assert torch.equal(batch.arena, before)
