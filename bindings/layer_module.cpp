@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "entry_checks.h"
 #include "layer_ops.h"
 
 namespace py = pybind11;
@@ -64,11 +65,7 @@ void store_kv_entry(std::uintptr_t key, std::uintptr_t value, Int2 key_row_strid
     throw std::invalid_argument("store_kv: need tokens >= 0, heads > 0, head_dim > 0");
   const int64_t* pages = address_as<const int64_t>(slot_pages);
   const int64_t* offsets = address_as<const int64_t>(slot_offsets);
-  for (int64_t n = 0; n < tokens; ++n)   // every write inside the cache, checked before any
-    if (pages[n] >= cache_shape[0] || (pages[n] >= 0 && (offsets[n] < 0 || offsets[n] >= cache_shape[1])))
-      throw std::invalid_argument("store_kv: token " + std::to_string(n) + "'s slot (" +
-                                  std::to_string(pages[n]) + ", " + std::to_string(offsets[n]) +
-                                  ") is outside the cache's pages");
+  lmarith::entry::check_slots(pages, offsets, tokens, cache_shape[0], cache_shape[1]);
   const lmarith::CacheView keys{address_as<void>(key_cache), key_strides[0], key_strides[1],
                                 key_strides[2], dtype_of(key_dtype, "store_kv")};
   const lmarith::CacheView values{address_as<void>(value_cache), value_strides[0],

@@ -12,14 +12,19 @@
 #include <string>
 
 #include "bf16_matmul.h"
+#include "entry_checks.h"
 #include "kernels.h"
 #include "shm_allreduce.h"
 
 namespace py = pybind11;
 
-void bind_layer_ops(py::module_& m);  // bindings/layer_module.cpp
+void bind_layer_ops(py::module_& m);      // bindings/layer_module.cpp
+void bind_decoder_stack(py::module_& m);  // bindings/stack_module.cpp
 
 namespace {
+
+using lmarith::entry::check_paged_metadata;
+using lmarith::entry::require;
 
 using Int2 = std::array<int64_t, 2>;
 using Int3 = std::array<int64_t, 3>;
@@ -29,9 +34,6 @@ T* address_as(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-void require(bool condition, const std::string& message) {
-  if (!condition) throw std::invalid_argument(message);
-}
 
 void combine_entry(std::uintptr_t logits, int logits_dtype, int64_t num_terms, int64_t batch,
                    int64_t vocab, std::uintptr_t weights, std::uintptr_t consts,
@@ -85,33 +87,6 @@ void spec_accept_entry(std::uintptr_t target_log_probs, std::uintptr_t draft_log
       address_as<const uint8_t>(greedy)};
   lmarith::spec_accept(inputs, batch, max_drafts, vocab, address_as<int32_t>(num_accepted),
                        address_as<int64_t>(next_token));
-}
-
-// Paged-attention metadata must keep every read inside the cache: rows partition [0, N) in
-// order, each sequence's query rows fit its context, and every page its context uses is a
-// real page. Returns the longest context.
-int64_t check_paged_metadata(const int64_t* query_start, const int64_t* context_lens,
-                             const int64_t* block_tables, int64_t num_seqs, int64_t table_width,
-                             int64_t num_tokens, int64_t page_size, int64_t num_pages) {
-  require(query_start[0] == 0 && query_start[num_seqs] == num_tokens,
-          "paged_attention: query_start must run from 0 to the number of query rows");
-  int64_t longest = 0;
-  for (int64_t seq = 0; seq < num_seqs; ++seq) {
-    const int64_t q_len = query_start[seq + 1] - query_start[seq], ctx = context_lens[seq];
-    require(q_len >= 0 && q_len <= ctx, "paged_attention: sequence " + std::to_string(seq) +
-                                            " needs 0 <= query rows <= context length");
-    const int64_t pages = (ctx + page_size - 1) / page_size;
-    require(pages <= table_width, "paged_attention: block table too narrow for sequence " +
-                                      std::to_string(seq));
-    for (int64_t p = 0; q_len > 0 && p < pages; ++p) {
-      const int64_t page = block_tables[seq * table_width + p];
-      require(page >= 0 && page < num_pages, "paged_attention: page id " + std::to_string(page) +
-                                                 " outside the cache's " +
-                                                 std::to_string(num_pages) + " pages");
-    }
-    if (q_len > 0) longest = std::max(longest, ctx);
-  }
-  return longest;
 }
 
 void paged_attention_entry(std::uintptr_t query, int query_dtype, Int3 query_shape,
@@ -232,6 +207,7 @@ PYBIND11_MODULE(_C, m) {
           return lmarith::bf16_isa_supported(static_cast<lmarith::Bf16Isa>(isa)); },
         py::arg("isa"), "Whether this CPU runs bf16_matmul path isa (1 scalar, 2 avx2, 3 avx512-bf16).");
   bind_layer_ops(m);
+  bind_decoder_stack(m);
   m.def("built_with_openmp", &lmarith::built_with_openmp,
         "True when rows run in parallel through OpenMP.");
   using lmarith::ShmAllReduce;

@@ -107,6 +107,7 @@ class LlamaForCausalLM(CausalLMHead):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config, device)
+        self.native_stack = None    # CPU + quantized linears: models/native_stack.py sets it
 
     def input_embedding(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -126,6 +127,10 @@ class LlamaForCausalLM(CausalLMHead):
         """Hidden states [N, hidden] of this step's new tokens; their K/V go into kv_caches."""
         x, residual = self.model.embed_tokens(input_ids), None
         rope = self.rotary.cos_sin(positions, x.dtype)
+        if self.native_stack is not None:   # the same layers in one C++ call
+            summed = self.native_stack(x, rope, meta, kv_caches)
+            if summed is not None:
+                return self.model.norm(summed)
         for layer, cache in zip(self.model.layers, kv_caches):
             x, residual = layer(x, residual, rope, meta, cache)
         return self.model.norm(x, residual)[0]

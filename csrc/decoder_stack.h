@@ -1,0 +1,69 @@
+// A llama-family decoder stack with quantized linears, run layer after layer in C++: one
+// call per forward instead of a dozen Python-dispatched ops per layer (the per-step
+// overhead that kept decoding short of llama.cpp). It composes the kernels the Python
+// path calls one by one (rms_norm, quant_matmul, rotary, store_kv, paged_attention,
+// silu_mul), so it computes what LlamaForCausalLM.forward's layer loop computes, in
+// float32 activations (engine/models/native_stack.py builds it and checks eligibility).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+
+namespace lmarith {
+
+// One quantized row block of a linear (a fused projection may hold several qtypes).
+struct StackPart {
+  const uint8_t* data;  // [rows, row_bytes] GGML blocks
+  QuantType qtype;
+  int64_t rows, row_bytes;
+};
+
+// y [M, out] = x [M, in] @ W.T + bias; W is the row-concatenation of parts.
+struct StackLinear {
+  std::vector<StackPart> parts;
+  const float* bias = nullptr;  // [out] or null
+  int64_t in_features = 0, out_features = 0;
+};
+
+struct StackLayer {
+  const float* input_norm;  // [hidden]
+  const float* post_norm;   // [hidden]
+  StackLinear qkv, o_proj, gate_up, down;
+  int64_t sliding_window;  // 0: none
+};
+
+struct StackShape {
+  int64_t hidden, heads, kv_heads, head_dim, intermediate;
+  float eps, scale;
+  QuantIsa isa;
+};
+
+// One forward's inputs: x [tokens, hidden] (the embeddings), cos/sin [tokens, head_dim],
+// the step's attention metadata (int64) and every layer's caches (addresses; one dtype and
+// one set of element strides for all layers). The result, x + residual after the last
+// layer (what the final norm reads), is written to out [tokens, hidden].
+struct StackStep {
+  int64_t tokens;
+  const float* x;
+  const float* cos;
+  const float* sin;
+  const int64_t* slot_pages;
+  const int64_t* slot_offsets;
+  const int64_t* query_start;
+  const int64_t* context_lens;
+  const int64_t* block_tables;
+  int64_t num_seqs, table_width, max_context_len;
+  const std::uintptr_t* key_caches;    // [layers]
+  const std::uintptr_t* value_caches;  // [layers]
+  int64_t cache_strides[3];            // page, slot, head (elements)
+  int64_t num_pages, page_size;
+  AttnDtype cache_dtype;
+  float* out;
+};
+
+void decoder_stack_forward(const StackShape& shape, const std::vector<StackLayer>& layers,
+                           const StackStep& step);
+
+}  // namespace lmarith
