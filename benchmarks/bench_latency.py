@@ -10,6 +10,7 @@ variants, and printed as ratios (machines here are noisy).
         [--sweep-contexts 32 256 1024 2048] | --under-load | --prefill 512
         (benchmarks/scaling_sweep.py)
     python benchmarks/bench_latency.py --context-sweep 32 512 2048 [--attention-rows 1 17 64 512]
+        [--context-dtype float32|auto] [--kv-cache-dtype auto|bfloat16]
         (batch-1 decode and prefill per context length, torch vs C++ paged attention;
         benchmarks/context_sweep.py)
     lmarith bench latency [the same options]
@@ -104,6 +105,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="instead of the formula table: single-model decode per weight dtype "
                              "(float32 bfloat16 q8_0 auto; auto = the GGUF's Q4_1 blocks), with "
                              "transformers and, if installed, llama.cpp")
+    parser.add_argument("--context-dtype", default="float32", metavar="DTYPE",
+                        help="with --context-sweep: the weights (float32 bfloat16 q8_0 auto)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="with --context-sweep: what the KV cache stores (LLM(kv_cache_dtype=))")
     parser.add_argument("--attention-rows", type=int, nargs="+", metavar="ROWS", default=None,
                         help="with --context-sweep (or alone): one layer's attention call for "
                              "these query rows per sequence, torch vs the C++ kernel")
@@ -182,8 +187,10 @@ def attention_sweeps(args: argparse.Namespace) -> None:
     if args.attention_rows:
         attention_rows_sweep(args.attention_rows)
     if args.context_sweep:
-        model = embedded_model("float32")
-        llm = la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=8, models=[model])
+        model = embedded_model(args.context_dtype)
+        print(f"model {args.context_dtype}, kv_cache_dtype {args.kv_cache_dtype}", flush=True)
+        llm = la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=8, models=[model],
+                     kv_cache_dtype=args.kv_cache_dtype)
         tokenizer = AutoTokenizer.from_pretrained(model.path)
         context_sweep(llm, model, tokenizer, args.context_sweep, args.tokens, args.repeats)
 

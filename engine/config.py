@@ -51,11 +51,17 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+# "auto": each model's KV in its own dtype; "bfloat16" halves a float32 model's KV bytes
+# (attention reads them widened to float32), which long contexts are bound by on CPU.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What one engine may use: KV budget in bytes (per tensor-parallel rank), running
     requests, tokens computed per step (longer prompts are chunked), tokens per KV page,
-    device, CPU threads (per rank) and the tensor-parallel size (ranks per replica)."""
+    device, CPU threads (per rank), the tensor-parallel size (ranks per replica) and the KV
+    cache's dtype (KV_CACHE_DTYPES)."""
 
     kv_cache_bytes: int
     max_num_seqs: int = 64
@@ -64,8 +70,12 @@ class EngineConfig:
     device: str = "cpu"
     num_threads: Optional[int] = None
     tensor_parallel_size: int = 1
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                              f"{self.kv_cache_dtype!r}")
         for name in ("kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "page_tokens",
                      "tensor_parallel_size"):
             _positive_int(name, getattr(self, name))

@@ -41,16 +41,18 @@ class LLM:
     per step (longer prompts are chunked); page_tokens: tokens per KV page of the largest
     model; models: models to load now, so the pool's pages are sized for all of them;
     tensor_parallel_size: ranks each model is sharded over (processes on CPU, one GPU each on
-    CUDA); kv_cache_bytes and num_threads are then per rank.
+    CUDA); kv_cache_bytes and num_threads are then per rank; kv_cache_dtype: "auto" (each
+    model's dtype), "float32" or "bfloat16" (half the KV bytes of a float32 model).
     """
 
     def __init__(self, kv_cache_bytes: Optional[int] = 1 << 30, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, page_tokens: int = 16, device: str = "cpu",
                  kv_cache_fraction: float = 0.2, models: Sequence[Union[Model, ModelSpec, str]] = (),
-                 num_threads: Optional[int] = None, tensor_parallel_size: int = 1) -> None:
+                 num_threads: Optional[int] = None, tensor_parallel_size: int = 1,
+                 kv_cache_dtype: str = "auto") -> None:
         config = EngineConfig(kv_budget(kv_cache_bytes, kv_cache_fraction, device), max_num_seqs,
                               max_num_batched_tokens, page_tokens, device, num_threads,
-                              tensor_parallel_size)
+                              tensor_parallel_size, kv_cache_dtype)
         self.config = config
         self.engine = LLMEngine(config, [_model_spec(m) for m in models])
         self._loop = EngineLoop(self.engine)

@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any
 
+from lmarith.config import KV_CACHE_DTYPES
 from lmarith.models.loading.progress import NO_PROGRESS_ENV
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -78,12 +79,16 @@ def add_engine_flags(parser: argparse.ArgumentParser, max_num_seqs_default: int 
     parser.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                         help="shard every model over N ranks: processes on CPU (gloo), one GPU "
                              "each on CUDA (NCCL); the KV budget is then per rank (default 1)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="what the KV cache stores: auto (each model's dtype), float32 or "
+                             "bfloat16 (half a float32 model's KV bytes; default auto)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of la.LLM from the engine flags (unset ones keep LLM's defaults)."""
     kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs, "device": args.device,
-                              "tensor_parallel_size": args.tensor_parallel_size}
+                              "tensor_parallel_size": args.tensor_parallel_size,
+                              "kv_cache_dtype": args.kv_cache_dtype}
     if args.kv_cache_bytes is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
     return kwargs

@@ -94,8 +94,9 @@ class LmarithReplica:
 
 
 def llm_kwargs(kv_cache_bytes: Optional[int], max_num_seqs: int, num_threads: Optional[int],
-               device: str, tensor_parallel_size: int) -> dict[str, Any]:
-    """The keyword arguments of each replica's LLM; tensor_parallel_size only when above 1."""
+               device: str, tensor_parallel_size: int, kv_cache_dtype: str = "auto") -> dict[str, Any]:
+    """The keyword arguments of each replica's LLM; tensor_parallel_size only when above 1,
+    kv_cache_dtype only when not "auto"."""
     kwargs: dict[str, Any] = {"max_num_seqs": max_num_seqs, "device": device}
     if kv_cache_bytes is not None:
         kwargs["kv_cache_bytes"] = kv_cache_bytes
@@ -103,6 +104,8 @@ def llm_kwargs(kv_cache_bytes: Optional[int], max_num_seqs: int, num_threads: Op
         kwargs["num_threads"] = num_threads
     if tensor_parallel_size > 1:
         kwargs["tensor_parallel_size"] = tensor_parallel_size
+    if kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = kv_cache_dtype
     return kwargs
 
 
@@ -120,7 +123,7 @@ def build_deployment(models: Mapping[str, Model], presets: Optional[Mapping[str,
                      *, replicas: int = 1, tensor_parallel_size: int = 1,
                      kv_cache_bytes: Optional[int] = None, max_num_seqs: int = 64,
                      num_threads: Optional[int] = None, device: str = "cpu",
-                     api_key: Optional[str] = None,
+                     kv_cache_dtype: str = "auto", api_key: Optional[str] = None,
                      ray_actor_options: Optional[Mapping[str, Any]] = None,
                      deployment_options: Optional[Mapping[str, Any]] = None):
     """The Serve application: `replicas` copies of the OpenAI app, each over its own LLM
@@ -140,7 +143,8 @@ def build_deployment(models: Mapping[str, Model], presets: Optional[Mapping[str,
                                                   ray_actor_options),
                **(deployment_options or {})}
     deployment = serve.deployment(serve.ingress()(LmarithReplica), **options)
-    kwargs = llm_kwargs(kv_cache_bytes, max_num_seqs, num_threads, device, tensor_parallel_size)
+    kwargs = llm_kwargs(kv_cache_bytes, max_num_seqs, num_threads, device, tensor_parallel_size,
+                        kv_cache_dtype)
     return deployment.bind(dict(models), presets, kwargs, api_key)
 
 

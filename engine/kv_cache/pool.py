@@ -77,7 +77,7 @@ class KVCachePool:
     def _view(self, config: ModelConfig, footprint: int) -> ModelCacheView:
         page_size = self.page_bytes // footprint
         used = page_size * footprint
-        typed = self.arena[:, :used].view(config.dtype)
+        typed = self.arena[:, :used].view(config.cache_dtype)
         shaped = typed.view(self.num_pages, config.num_layers, 2, page_size,
                             config.num_kv_heads, config.head_dim)
         layers = [(shaped[:, layer, 0], shaped[:, layer, 1]) for layer in range(config.num_layers)]

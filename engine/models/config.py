@@ -37,6 +37,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
+    kv_dtype: torch.dtype | None = None     # the KV cache's dtype when not the model's
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """What the paged KV cache stores (kv_cache_dtype, else the model's dtype)."""
+        return self.kv_dtype or self.dtype
 
     def sliding_window(self, layer: int) -> int | None:
         """Attention window of one layer (None means full causal attention)."""
@@ -45,7 +51,7 @@ class ModelConfig:
 
 def kv_bytes_per_token(config: ModelConfig) -> int:
     """Bytes of K and V cache one token needs across all layers."""
-    itemsize = torch.empty((), dtype=config.dtype).element_size()
+    itemsize = torch.empty((), dtype=config.cache_dtype).element_size()
     return config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
 
 

@@ -2,6 +2,7 @@
 every sequence (of every term and request) that uses this model."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,7 +48,7 @@ class ModelRunner:
     """Runs one model's batched forward over paged KV for a list of ForwardItems."""
 
     def __init__(self, spec: ModelSpec, device: str = "cpu",
-                 comm: Optional[Communicator] = None) -> None:
+                 comm: Optional[Communicator] = None, kv_cache_dtype: str = "auto") -> None:
         self.spec = spec
         self.device = device
         parallel, tokenizer = None, None
@@ -68,6 +69,8 @@ class ModelRunner:
         self.vocab = VocabRange(0, self.vocab_size) if parallel is None else parallel.vocab
         if parallel is not None:    # the pool sizes this rank's KV by its heads
             self.config = local_config(self.config, comm.world_size)
+        if kv_cache_dtype != "auto":
+            self.config = dataclasses.replace(self.config, kv_dtype=getattr(torch, kv_cache_dtype))
         # CPU: float32 linears oneDNN-packed, bfloat16 ones packed for the C++ bf16 kernel
         self.num_packed_linears = (pack_linears(self.model) + use_bf16_linears(self.model)
                                    if device == "cpu" else 0)

@@ -47,7 +47,8 @@ class Worker:
         """Load every spec not loaded yet; if any fails, none of them is registered."""
         with self._load_lock:
             missing = [spec for spec in dict.fromkeys(specs) if spec not in self.runners]
-            loaded = {spec: ModelRunner(spec, self.config.device, self.comm) for spec in missing}
+            loaded = {spec: ModelRunner(spec, self.config.device, self.comm, self.config.kv_cache_dtype)
+                      for spec in missing}
             self.runners.update(loaded)
             if loaded:
                 release_freed_memory()

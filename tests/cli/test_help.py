@@ -9,10 +9,10 @@ from lmarith.entrypoints import cli
 FLAGS = {
     "generate": ["--model", "--formula", "--temperature", "--top-p", "--top-k", "--min-p",
                  "--max-tokens", "--seed", "--stop", "--stop-token-id", "--ignore-eos",
-                 "--logprobs", "--kv-cache-bytes", "--max-num-seqs", "--device", "--chat",
+                 "--logprobs", "--kv-cache-bytes", "--max-num-seqs", "--device", "--kv-cache-dtype", "--chat",
                  "--system", "--json", "--quiet", "PROMPT"],
     "serve": ["--host", "--port", "--model", "--preset", "--api-key", "--kv-cache-bytes",
-              "--max-num-seqs", "--device", "--quiet"],
+              "--max-num-seqs", "--device", "--kv-cache-dtype", "--quiet"],
     "bench": ["latency", "speculative", "kernels", "--plot", "--quiet"],
     "demo": ["--max-tokens", "--temperature", "--seed", "--dtype", "--backend"],
 }

@@ -117,6 +117,7 @@ def test_cli_ray_replicas_hands_over_to_ray(monkeypatch, model_dirs):
     a = la.Model(str(model_dirs[0]))
     assert args == ({"a": a}, {"a": a}, "127.0.0.1", 8123, 3, None)
     assert kwargs.pop("tensor_parallel_size", 1) == 1        # the engine flags' default
+    assert kwargs.pop("kv_cache_dtype", "auto") == "auto"
     assert kwargs == {"kv_cache_bytes": 8 << 20, "max_num_seqs": 4, "device": "cpu"}
 
 
