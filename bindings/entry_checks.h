@@ -1,5 +1,6 @@
-// Checks shared by the pybind11 entries (bindings/module.cpp, bindings/layer_module.cpp):
-// every address a kernel will read or write must come from sizes that keep it in bounds.
+// What the pybind11 entries (bindings/module.cpp, layer_module.cpp, stack_module.cpp) share:
+// addresses as typed pointers, the GGML block formats' sizes, and the checks that every
+// address a kernel will read or write comes from sizes that keep it in bounds.
 #pragma once
 
 #include <algorithm>
@@ -9,6 +10,16 @@
 
 namespace lmarith {
 namespace entry {
+
+template <typename T>
+T* address_as(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+// Values per block and bytes per block of quant_matmul's formats, by qtype code 0..4
+// (q8_0 q4_0 q4_1 q4_k q6_k; csrc QuantType).
+constexpr int64_t kQuantBlock[] = {32, 32, 32, 256, 256};
+constexpr int64_t kQuantBlockBytes[] = {34, 18, 20, 144, 210};
 
 inline void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument(message);

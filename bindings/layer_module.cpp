@@ -16,13 +16,9 @@ namespace py = pybind11;
 
 namespace {
 
+using lmarith::entry::address_as;
 using Int2 = std::array<int64_t, 2>;
 using Int3 = std::array<int64_t, 3>;
-
-template <typename T>
-T* address_as(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
 
 lmarith::LogitsDtype dtype_of(int code, const char* op) {
   if (code != 0 && code != 1)

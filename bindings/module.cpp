@@ -23,16 +23,15 @@ void bind_decoder_stack(py::module_& m);  // bindings/stack_module.cpp
 
 namespace {
 
+using lmarith::entry::address_as;
 using lmarith::entry::check_paged_metadata;
+using lmarith::entry::kQuantBlock;
+using lmarith::entry::kQuantBlockBytes;
 using lmarith::entry::require;
 
 using Int2 = std::array<int64_t, 2>;
 using Int3 = std::array<int64_t, 3>;
 
-template <typename T>
-T* address_as(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
 
 
 void combine_entry(std::uintptr_t logits, int logits_dtype, int64_t num_terms, int64_t batch,
@@ -123,12 +122,11 @@ void paged_attention_entry(std::uintptr_t query, int query_dtype, Int3 query_sha
 // 0..4: q8_0, q4_0, q4_1, q4_k, q6_k), isa 0 auto / 1 scalar / 2 avx2 / 3 vnni -> out f32 [M,N].
 void quant_matmul_entry(std::uintptr_t x, int x_dtype, int64_t m, int64_t k, std::uintptr_t weight,
                         int qtype, int64_t n, int64_t row_bytes, int isa, std::uintptr_t out) {
-  static constexpr int64_t kBlock[] = {32, 32, 32, 256, 256}, kBytes[] = {34, 18, 20, 144, 210};
   require(qtype >= 0 && qtype <= 4, "quant_matmul: qtype must be 0..4 (q8_0 q4_0 q4_1 q4_k q6_k)");
   require(x_dtype == 0 || x_dtype == 1, "quant_matmul: x_dtype must be 0 (float32) or 1 (bfloat16)");
-  require(m >= 0 && n >= 0 && k > 0 && k % kBlock[qtype] == 0,
+  require(m >= 0 && n >= 0 && k > 0 && k % kQuantBlock[qtype] == 0,
           "quant_matmul: need M >= 0, N >= 0, K > 0 divisible by the format's block");
-  require(row_bytes == k / kBlock[qtype] * kBytes[qtype], "quant_matmul: row_bytes does not match K");
+  require(row_bytes == k / kQuantBlock[qtype] * kQuantBlockBytes[qtype], "quant_matmul: row_bytes does not match K");
   require(isa >= 0 && isa <= 3, "quant_matmul: isa must be 0 (auto), 1 (scalar), 2 (avx2), 3 (vnni)");
   require(lmarith::quant_isa_supported(static_cast<lmarith::QuantIsa>(isa)),
           "quant_matmul: this CPU cannot run the requested instruction path");

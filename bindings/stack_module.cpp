@@ -22,7 +22,8 @@ using Part = std::tuple<std::uintptr_t, int, int64_t, int64_t>;           // dat
 using Linear = std::tuple<int64_t, int64_t, std::uintptr_t, std::vector<Part>>;  // in, out, bias, parts
 using Layer = std::tuple<std::uintptr_t, std::uintptr_t, Linear, Linear, Linear, Linear, int64_t>;
 
-constexpr int64_t kBlock[] = {32, 32, 32, 256, 256}, kBytes[] = {34, 18, 20, 144, 210};
+using lmarith::entry::kQuantBlock;
+using lmarith::entry::kQuantBlockBytes;
 
 lmarith::StackLinear make_linear(const Linear& spec, int64_t in_features, int64_t out_features,
                                  const std::string& name) {
@@ -33,8 +34,8 @@ lmarith::StackLinear make_linear(const Linear& spec, int64_t in_features, int64_
   lmarith::StackLinear linear{{}, reinterpret_cast<const float*>(bias), in, out};
   int64_t rows = 0;
   for (const auto& [data, qtype, part_rows, row_bytes] : parts) {
-    require(qtype >= 0 && qtype <= 4 && in % kBlock[qtype] == 0 &&
-                row_bytes == in / kBlock[qtype] * kBytes[qtype] && part_rows > 0,
+    require(qtype >= 0 && qtype <= 4 && in % kQuantBlock[qtype] == 0 &&
+                row_bytes == in / kQuantBlock[qtype] * kQuantBlockBytes[qtype] && part_rows > 0,
             "DecoderStack: " + name + " has a part whose qtype/row_bytes do not match K");
     linear.parts.push_back({reinterpret_cast<const uint8_t*>(data),
                             static_cast<lmarith::QuantType>(qtype), part_rows, row_bytes});

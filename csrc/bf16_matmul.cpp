@@ -37,7 +37,7 @@ struct Tile {
 // acc [rows][16] = the tile's rows dotted with one packed block of `pairs` column pairs.
 using BlockDot = void (*)(const uint16_t* block, int64_t pairs, const Tile& tile, float* acc);
 
-inline float widen(uint16_t bits) { return detail::bits_float(uint32_t{bits} << 16); }
+inline float widen(uint16_t bits) { return detail::bf16_to_float(bits); }
 
 // float -> bf16 bits, round to nearest even (NaN stays a quiet NaN), as torch's .to(bfloat16).
 inline uint16_t narrow(float value) {

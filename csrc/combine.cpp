@@ -12,7 +12,6 @@
 namespace lmarith {
 namespace {
 
-using detail::bits_float;
 using detail::exp_nonpositive;
 using detail::fast_exp;
 using detail::is_finite;
@@ -22,7 +21,7 @@ using detail::kInf;
 constexpr int64_t kChunk = 512;
 
 inline float to_float(float value) { return value; }
-inline float to_float(uint16_t bf16_bits) { return bits_float(static_cast<uint32_t>(bf16_bits) << 16); }
+inline float to_float(uint16_t bf16_bits) { return detail::bf16_to_float(bf16_bits); }
 
 // log_softmax(x) = (x - max) - log_sum for one (term, row); NaN log_sum marks a row with
 // NaN, +inf or only -inf logits, which makes every token's log-prob non-finite (as torch).
