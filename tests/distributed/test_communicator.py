@@ -31,7 +31,11 @@ def _collectives(comm: Communicator) -> dict:
 def _peer(port: int, shm: str, idle_s: float, results) -> None:
     os.environ["LMARITH_TP_SHM"] = shm
     comm = Communicator(1, 2, Communicator.join_store(port, 2), timeout_s=TIMEOUT_S)
-    results.put(("peer", _collectives(comm), comm.shm is not None, comm.broadcast_object()))
+    # tensors go back as numpy arrays, pickled by value: a torch tensor would be shared by a
+    # file descriptor that this process's exit can revoke before the parent reads it
+    mine = {key: value.numpy() if isinstance(value, torch.Tensor) else value
+            for key, value in _collectives(comm).items()}
+    results.put(("peer", mine, comm.shm is not None, comm.broadcast_object()))
     comm.close()
 
 
@@ -48,6 +52,8 @@ def _run(shm: str, idle_s: float = 0.0):
         time.sleep(idle_s)                 # the peer waits for this command meanwhile
         comm.broadcast_object("after the pause")
         _, theirs, used_shm, late = results.get(timeout=20)
+        theirs = {key: torch.from_numpy(value) if hasattr(value, "dtype") else value
+                  for key, value in theirs.items()}
         peer.join(30)
         comm.close()
         return mine, theirs, used_shm, late
