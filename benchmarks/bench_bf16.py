@@ -1,5 +1,5 @@
 """Kernel-level speed of bf16_linear (csrc/bf16_matmul.cpp) on SmolLM2-135M's projection
-shapes, against torch's bf16 F.linear and the oneDNN-packed float32 linear the engine uses
+shapes, against torch's bf16 F.linear and the oneDNN-packed float32 linear the engine used
 for float32 models. Every variant is timed in this one run, alternated, medians reported;
 GB/s counts the weight bytes one call reads (the whole traffic of a batch-1 decode GEMV).
 
@@ -8,7 +8,7 @@ GB/s counts the weight bytes one call reads (the whole traffic of a batch-1 deco
     OMP_WAIT_POLICY=passive python benchmarks/bench_bf16.py --sweep [--rows 1 4]
         (one decode step's projections, 30 layers of SmolLM2 + the head, weights cold from DRAM)
     OMP_WAIT_POLICY=passive python benchmarks/bench_bf16.py --engine [--batches 1 4] [--tokens 32]
-        (end to end on the embedded SmolLM2-135M: float32 (oneDNN), bfloat16 with torch's
+        (end to end on the embedded SmolLM2-135M: float32 (F32Linear, native stack), bfloat16 with torch's
         linears, bfloat16 with BF16Linear; three engines alternated in one run)
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def engine_table(batches: list[int], tokens: int, repeats: int) -> None:
     fp32, bf16 = embedded_model("float32"), embedded_model("bfloat16")
     with torch_bf16_linears():
         old = la.LLM(kv_cache_bytes=1 << 28, models=[bf16])
-    engines = {"float32 (oneDNN packed)": (la.LLM(kv_cache_bytes=1 << 28, models=[fp32]), fp32),
+    engines = {"float32": (la.LLM(kv_cache_bytes=1 << 28, models=[fp32]), fp32),
                "bfloat16 torch nn.Linear": (old, bf16),
                "bfloat16 BF16Linear": (la.LLM(kv_cache_bytes=1 << 28, models=[bf16]), bf16)}
     print("| batch | engine | ms/step | tok/s | vs float32 |")
@@ -123,7 +123,7 @@ def engine_table(batches: list[int], tokens: int, repeats: int) -> None:
             for name, (llm, model) in engines.items():
                 outputs = llm.generate(["Tell me about cats."] * batch, model, params)
                 samples[name].append(max(o.metrics.decode_time for o in outputs) / tokens)
-        base = statistics.median(samples["float32 (oneDNN packed)"][1:])
+        base = statistics.median(samples["float32"][1:])
         for name, values in samples.items():
             seconds = statistics.median(values[1:])
             print(f"| {batch} | {name} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | "

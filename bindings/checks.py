@@ -7,6 +7,7 @@ import torch
 
 from lmarith.kernels.quant_formats import QuantWeight
 from lmarith.kernels.reference_bf16 import BF16Weight
+from lmarith.kernels.reference_f32 import F32Weight
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -203,23 +204,40 @@ def validate_quant_matmul(x: torch.Tensor, weight: QuantWeight, **face_options) 
     return _check_same_device({"x": x, "weight.data": weight.data})
 
 
-def validate_bf16_linear(x: torch.Tensor, weight: BF16Weight, bias: torch.Tensor | None = None,
-                         **face_options) -> torch.device:
-    """x [M, K] float32/bfloat16, a packed BF16Weight [N, K] and bias [N] (or None) on one
-    device; returns that device."""
-    if not isinstance(weight, BF16Weight):
-        raise ValueError(f"weight must be a lmarith.kernels.reference_bf16.BF16Weight, got "
-                         f"{type(weight).__name__}; pack it with ops.pack_bf16(w)")
+def _validate_packed_linear(x: torch.Tensor, weight, kind: type, pack: str,
+                            x_dtypes: tuple, x_kind: str, bias: torch.Tensor | None) -> torch.device:
+    """x [M, K] of x_dtypes, a packed weight of type kind [N, K] and bias [N] (or None) on
+    one device; returns that device."""
+    if not isinstance(weight, kind):
+        raise ValueError(f"weight must be a {kind.__module__}.{kind.__name__}, got "
+                         f"{type(weight).__name__}; pack it with ops.{pack}(w)")
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != weight.in_features:
         shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor [M, {weight.in_features}], got {shape}")
-    _check_dtype("x", x, (torch.float32, torch.bfloat16), "a float32 or bfloat16")
+    _check_dtype("x", x, x_dtypes, x_kind)
     tensors = {"x": x, "weight.data": weight.data}
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.out_features,):
             raise ValueError(f"bias must be a tensor [{weight.out_features}] or None")
         tensors["bias"] = bias
     return _check_same_device(tensors)
+
+
+def validate_bf16_linear(x: torch.Tensor, weight: BF16Weight, bias: torch.Tensor | None = None,
+                         **face_options) -> torch.device:
+    """x [M, K] float32/bfloat16, a packed BF16Weight [N, K] and bias [N] (or None)."""
+    return _validate_packed_linear(x, weight, BF16Weight, "pack_bf16",
+                                   (torch.float32, torch.bfloat16), "a float32 or bfloat16", bias)
+
+
+def validate_f32_linear(x: torch.Tensor, weight: F32Weight, bias: torch.Tensor | None = None,
+                        **face_options) -> torch.device:
+    """x [M, K] float32, a packed F32Weight [N, K] (float32 panels) and bias [N] (or None)."""
+    if isinstance(weight, F32Weight) and weight.data.dtype != torch.float32:
+        raise ValueError(f"weight.data must be float32 panels, got {weight.data.dtype}; pack the "
+                         "weight again with ops.pack_f32(w) instead of converting it")
+    return _validate_packed_linear(x, weight, F32Weight, "pack_f32", (torch.float32,),
+                                   "a float32", bias)
 
 
 def validate_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

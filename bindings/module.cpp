@@ -12,6 +12,7 @@
 #include <string>
 
 #include "bf16_matmul.h"
+#include "f32_matmul.h"
 #include "entry_checks.h"
 #include "kernels.h"
 #include "shm_allreduce.h"
@@ -151,6 +152,19 @@ void bf16_matmul_entry(std::uintptr_t x, int x_dtype, int64_t m, int64_t k, std:
                        static_cast<lmarith::Bf16Isa>(isa));
 }
 
+// f32_matmul: x f32 [M,K], packed f32 weight (csrc/f32_matmul.h), bias f32 [N] or 0, out f32
+// [M,N]; isa 0 auto / 1 scalar / 2 avx2 / 3 avx512.
+void f32_matmul_entry(std::uintptr_t x, int64_t m, int64_t k, std::uintptr_t packed, int64_t n,
+                      std::uintptr_t bias, std::uintptr_t out, int isa) {
+  require(m >= 0 && n >= 0 && k > 0, "f32_matmul: need M >= 0, N >= 0, K > 0");
+  require(isa >= 0 && isa <= 3, "f32_matmul: isa must be 0 (auto), 1 (scalar), 2 (avx2), 3 (avx512)");
+  require(lmarith::f32_isa_supported(static_cast<lmarith::F32Isa>(isa)),
+          "f32_matmul: this CPU cannot run the requested instruction path");
+  lmarith::f32_matmul(address_as<const float>(x), m, k, address_as<const float>(packed), n,
+                      address_as<const float>(bias), address_as<float>(out),
+                      static_cast<lmarith::F32Isa>(isa));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -201,6 +215,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n"), py::arg("bias"), py::arg("out"), py::arg("out_dtype"), py::arg("isa"),
         "out [M,N] (out_dtype 0 f32, 1 bf16) = x (f32/bf16 [M,K]) @ W.T + bias (f32 [N], 0: none), "
         "W packed bf16 (16-row blocks of column pairs); isa 0 auto, 1 scalar, 2 avx2, 3 avx512-bf16.");
+  m.def("f32_matmul", &f32_matmul_entry, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("m"), py::arg("k"), py::arg("packed"), py::arg("n"), py::arg("bias"),
+        py::arg("out"), py::arg("isa"),
+        "out f32 [M,N] = x (f32 [M,K]) @ W.T + bias (f32 [N], 0: none), W packed f32 (16-row "
+        "blocks, [K][16] each); isa 0 auto, 1 scalar, 2 avx2, 3 avx512.");
+  m.def("f32_isa_supported", [](int isa) {
+          return lmarith::f32_isa_supported(static_cast<lmarith::F32Isa>(isa)); },
+        py::arg("isa"), "Whether this CPU runs f32_matmul path isa (1 scalar, 2 avx2, 3 avx512).");
   m.def("bf16_isa_supported", [](int isa) {
           return lmarith::bf16_isa_supported(static_cast<lmarith::Bf16Isa>(isa)); },
         py::arg("isa"), "Whether this CPU runs bf16_matmul path isa (1 scalar, 2 avx2, 3 avx512-bf16).");

@@ -29,6 +29,9 @@ bf16_linear(x [M,K] f32/bf16, weight: BF16Weight [N,K] packed bf16, bias [N] | N
     x's dtype (x rounded to bf16, f32 sums; C++ face: csrc/bf16_matmul.cpp, AVX512-BF16 /
     AVX2 / scalar). No Triton face: on CUDA the torch face runs (F.linear, cuBLAS), and CUDA
     models keep nn.Linear's bf16 cuBLAS path.      semantics: kernels/reference_bf16.py
+f32_linear(x [M,K] f32, weight: F32Weight [N,K] packed f32, bias [N] | None) -> [M,N] f32
+    (C++ face: csrc/f32_matmul.cpp, AVX512F / AVX2 / scalar; CPU float32 models' linears;
+    no Triton face, as bf16_linear)                semantics: kernels/reference_f32.py
 """
 from __future__ import annotations
 
@@ -39,14 +42,16 @@ from typing import Callable, Iterator
 
 import torch
 
-from lmarith.bindings import checks, cpp, cpp_bf16, cpp_layers, cpp_quant
-from lmarith.kernels import (reference, reference_attention, reference_bf16, reference_layers,
-                             reference_quant, reference_speculative)
+from lmarith.bindings import checks, cpp, cpp_bf16, cpp_f32, cpp_layers, cpp_quant
+from lmarith.kernels import (reference, reference_attention, reference_bf16, reference_f32,
+                             reference_layers, reference_quant, reference_speculative)
 from lmarith.kernels.reference_bf16 import BF16Weight
+from lmarith.kernels.reference_f32 import F32Weight
 from lmarith.kernels.quant_formats import QuantWeight
 
 __all__ = ["combine", "sample", "store_kv", "paged_attention", "spec_accept", "filtered_log_probs", "quant_matmul", "prepared_quant_matmul",
-           "dequantize", "quantize_q8_0", "bf16_linear", "rms_norm", "rotary", "silu_mul", "prepared_bf16_linear", "pack_bf16", "run", "faces", "face_for",
+           "dequantize", "quantize_q8_0", "bf16_linear", "rms_norm", "rotary", "silu_mul", "prepared_bf16_linear", "pack_bf16",
+           "f32_linear", "prepared_f32_linear", "pack_f32", "run", "faces", "face_for",
            "combine_cpp", "sample_cpp", "cpp_available"]
 
 
@@ -80,6 +85,7 @@ _FACES: dict[str, dict[str, Callable]] = {
                      "triton": _triton("quant_matmul", "quant_matmul"),
                      "cpp": cpp_quant.quant_matmul},
     "bf16_linear": {"torch": reference_bf16.bf16_linear, "cpp": cpp_bf16.bf16_linear},
+    "f32_linear": {"torch": reference_f32.f32_linear, "cpp": cpp_f32.f32_linear},
     "rms_norm": {"torch": reference_layers.rms_norm, "cpp": cpp_layers.rms_norm},
     "rotary": {"torch": reference_layers.rotary, "cpp": cpp_layers.rotary},
     "silu_mul": {"torch": reference_layers.silu_mul, "cpp": cpp_layers.silu_mul},
@@ -88,6 +94,7 @@ _CHECKS = {"combine": checks.validate_combine, "sample": checks.validate_sample,
            "store_kv": checks.validate_store_kv, "paged_attention": checks.validate_paged_attention,
            "spec_accept": checks.validate_spec_accept,
            "quant_matmul": checks.validate_quant_matmul, "bf16_linear": checks.validate_bf16_linear,
+           "f32_linear": checks.validate_f32_linear,
            "rms_norm": checks.validate_rms_norm, "rotary": checks.validate_rotary,
            "silu_mul": checks.validate_silu_mul}
 
@@ -264,13 +271,23 @@ def sample_cpp(*args) -> torch.Tensor:
     return run("sample", "cpp", *args)
 
 
-def pack_bf16(w: torch.Tensor) -> BF16Weight:
-    """A float matrix [N, K] rounded to bfloat16 in bf16_linear's packed layout (once, at load)."""
+def _check_matrix(w: torch.Tensor) -> None:
     checks._check_tensors({"w": w})
     if w.dim() != 2 or 0 in w.shape:
         raise ValueError(f"w must be a nonempty [N, K] matrix, got {list(w.shape)}")
     checks._check_dtype("w", w, checks._FLOAT_DTYPES, "a floating-point")
+
+
+def pack_bf16(w: torch.Tensor) -> BF16Weight:
+    """A float matrix [N, K] rounded to bfloat16 in bf16_linear's packed layout (once, at load)."""
+    _check_matrix(w)
     return reference_bf16.pack_weight(w)
+
+
+def pack_f32(w: torch.Tensor) -> F32Weight:
+    """A float matrix [N, K] as float32 in f32_linear's packed layout (once, at load)."""
+    _check_matrix(w)
+    return reference_f32.pack_weight(w)
 
 
 def bf16_linear(x: torch.Tensor, weight: BF16Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,17 +297,36 @@ def bf16_linear(x: torch.Tensor, weight: BF16Weight, bias: torch.Tensor | None =
     return _dispatch("bf16_linear", device)(x, weight, bias)
 
 
-def prepared_bf16_linear(weight: BF16Weight, bias: torch.Tensor | None = None
-                         ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """bf16_linear bound to one weight and bias, checked here once (a model layer's): the
-    returned call(x [M, K]) checks only that x has K columns, then runs the face."""
-    device = checks.validate_bf16_linear(torch.empty(0, weight.in_features, device=weight.data.device),
-                                         weight, bias)
-    face = _dispatch("bf16_linear", device)
-    call = cpp_bf16.prepared(weight, bias) if face is cpp_bf16.bf16_linear else (lambda x: face(x, weight, bias))
+def f32_linear(x: torch.Tensor, weight: F32Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W.T + bias for a packed float32 weight: on CPU the C++ kernel
+    streams a decode GEMV's weight at the memory's rate."""
+    device = checks.validate_f32_linear(x, weight, bias)
+    return _dispatch("f32_linear", device)(x, weight, bias)
+
+
+def _prepared_linear(op: str, weight, bias: torch.Tensor | None, cpp_module
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A packed linear op bound to one weight and bias, checked here once (a model layer's):
+    the returned call(x [M, K]) checks only that x has K columns, then runs the face."""
+    device = _CHECKS[op](torch.empty(0, weight.in_features, device=weight.data.device), weight, bias)
+    face = _dispatch(op, device)
+    call = cpp_module.prepared(weight, bias) if face is getattr(cpp_module, op) else (
+        lambda x: face(x, weight, bias))
 
     def checked(x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != weight.in_features:
             raise ValueError(f"x must be [M, {weight.in_features}], got {list(x.shape)}")
         return call(x)
     return checked
+
+
+def prepared_bf16_linear(weight: BF16Weight, bias: torch.Tensor | None = None
+                         ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """bf16_linear bound to one weight and bias (see _prepared_linear)."""
+    return _prepared_linear("bf16_linear", weight, bias, cpp_bf16)
+
+
+def prepared_f32_linear(weight: F32Weight, bias: torch.Tensor | None = None
+                        ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """f32_linear bound to one weight and bias (see _prepared_linear)."""
+    return _prepared_linear("f32_linear", weight, bias, cpp_f32)

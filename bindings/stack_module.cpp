@@ -18,12 +18,29 @@ namespace py = pybind11;
 namespace {
 
 using lmarith::entry::require;
-using Part = std::tuple<std::uintptr_t, int, int64_t, int64_t>;           // data, qtype, rows, row_bytes
+// data, qtype (-1: the float32 panels of f32_matmul), rows, row_bytes
+using Part = std::tuple<std::uintptr_t, int, int64_t, int64_t>;
 using Linear = std::tuple<int64_t, int64_t, std::uintptr_t, std::vector<Part>>;  // in, out, bias, parts
 using Layer = std::tuple<std::uintptr_t, std::uintptr_t, Linear, Linear, Linear, Linear, int64_t>;
 
 using lmarith::entry::kQuantBlock;
 using lmarith::entry::kQuantBlockBytes;
+constexpr int kF32Panels = -1;  // a part's qtype code for packed float32 weights
+
+// One part: float32 panels (row_bytes 4 * K) or GGML blocks of a C++ qtype (row_bytes
+// matching K).
+lmarith::StackPart make_part(const Part& spec, int64_t in, const std::string& name) {
+  const auto& [data, qtype, rows, row_bytes] = spec;
+  require(rows > 0, "DecoderStack: " + name + " has an empty part");
+  if (qtype == kF32Panels) {
+    require(row_bytes == 4 * in, "DecoderStack: " + name + "'s float32 panels need row_bytes 4 * K");
+    return {nullptr, lmarith::QuantType::kQ8_0, rows, row_bytes, reinterpret_cast<const float*>(data)};
+  }
+  require(qtype >= 0 && qtype <= 4 && in % kQuantBlock[qtype] == 0 &&
+              row_bytes == in / kQuantBlock[qtype] * kQuantBlockBytes[qtype],
+          "DecoderStack: " + name + " has a part whose qtype/row_bytes do not match K");
+  return {reinterpret_cast<const uint8_t*>(data), static_cast<lmarith::QuantType>(qtype), rows, row_bytes};
+}
 
 lmarith::StackLinear make_linear(const Linear& spec, int64_t in_features, int64_t out_features,
                                  const std::string& name) {
@@ -33,13 +50,9 @@ lmarith::StackLinear make_linear(const Linear& spec, int64_t in_features, int64_
               std::to_string(in_features) + "]");
   lmarith::StackLinear linear{{}, reinterpret_cast<const float*>(bias), in, out};
   int64_t rows = 0;
-  for (const auto& [data, qtype, part_rows, row_bytes] : parts) {
-    require(qtype >= 0 && qtype <= 4 && in % kQuantBlock[qtype] == 0 &&
-                row_bytes == in / kQuantBlock[qtype] * kQuantBlockBytes[qtype] && part_rows > 0,
-            "DecoderStack: " + name + " has a part whose qtype/row_bytes do not match K");
-    linear.parts.push_back({reinterpret_cast<const uint8_t*>(data),
-                            static_cast<lmarith::QuantType>(qtype), part_rows, row_bytes});
-    rows += part_rows;
+  for (const Part& part : parts) {
+    linear.parts.push_back(make_part(part, in, name));
+    rows += linear.parts.back().rows;
   }
   require(rows == out, "DecoderStack: " + name + "'s parts do not add up to its rows");
   return linear;

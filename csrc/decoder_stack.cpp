@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "f32_matmul.h"
 #include "layer_ops.h"
 
 namespace lmarith {
@@ -35,7 +36,10 @@ void linear(const StackLinear& w, const float* x, int64_t tokens, QuantIsa isa, 
   int64_t column = 0;
   for (const StackPart& p : w.parts) {
     float* target = single ? y : part;
-    quant_matmul(x, kF32, tokens, w.in_features, p.data, p.qtype, p.rows, p.row_bytes, isa, target);
+    if (p.f32 != nullptr)
+      f32_matmul(x, tokens, w.in_features, p.f32, p.rows, nullptr, target, F32Isa::kAuto);
+    else
+      quant_matmul(x, kF32, tokens, w.in_features, p.data, p.qtype, p.rows, p.row_bytes, isa, target);
     for (int64_t t = 0; !single && t < tokens; ++t)
       std::memcpy(y + t * w.out_features + column, part + t * p.rows, p.rows * sizeof(float));
     column += p.rows;

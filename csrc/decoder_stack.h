@@ -1,8 +1,8 @@
-// A llama-family decoder stack with quantized linears, run layer after layer in C++: one
+// A llama-family decoder stack with quantized or packed float32 linears, run layer after layer in C++: one
 // call per forward instead of a dozen Python-dispatched ops per layer (the per-step
 // overhead that kept decoding short of llama.cpp). It composes the kernels the Python
 // path calls one by one (rms_norm, quant_matmul, rotary, store_kv, paged_attention,
-// silu_mul), so it computes what LlamaForCausalLM.forward's layer loop computes, in
+// silu_mul, and f32_matmul for float32 weights), so it computes what LlamaForCausalLM.forward's layer loop computes, in
 // float32 activations (engine/models/native_stack.py builds it and checks eligibility).
 #pragma once
 
@@ -13,11 +13,14 @@
 
 namespace lmarith {
 
-// One quantized row block of a linear (a fused projection may hold several qtypes).
+// One row block of a linear: GGML blocks (a fused projection may hold several qtypes) or,
+// with f32 set, the float32 panels of f32_matmul (csrc/f32_matmul.h) that the Python layer
+// loop's F32Linear holds.
 struct StackPart {
-  const uint8_t* data;  // [rows, row_bytes] GGML blocks
+  const uint8_t* data;  // [rows, row_bytes] GGML blocks (null for f32 panels)
   QuantType qtype;
   int64_t rows, row_bytes;
+  const float* f32 = nullptr;  // [ceil(rows / 16), in_features, 16]
 };
 
 // y [M, out] = x [M, in] @ W.T + bias; W is the row-concatenation of parts.

@@ -1,4 +1,5 @@
-"""NativeStack: a CPU llama-family model with quantized linears runs its decoder layers in
+"""NativeStack: a CPU llama-family model with quantized or packed float32 linears
+(QuantLinear, F32Linear) runs its decoder layers in
 one C++ call per forward (lmarith._C.DecoderStack, csrc/decoder_stack.cpp) instead of a
 dozen Python-dispatched ops per layer; at batch 1 those ops cost more than the weights'
 matmuls on a 135M model. The layer loop of LlamaForCausalLM.forward is the specification:
@@ -13,15 +14,37 @@ import torch
 
 from lmarith.bindings import cpp, cpp_quant
 from lmarith.models.attention import AttentionMetadata, KVCache
+from lmarith.models.f32_linear import F32Linear
 from lmarith.models.quantization import QuantLinear
 
 ENV = "LMARITH_NATIVE_STACK"
 _CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+# Packed float linears: (their panels' dtype, qtype code in bindings/stack_module.cpp).
+_PANELS = {F32Linear: (torch.float32, -1)}
+_MODEL_DTYPES = (torch.float32,)
 
 
-def _linear_spec(linear: QuantLinear, keep: list) -> tuple:
-    """(in, out, bias address, [(data, qtype, rows, row_bytes)]) of one QuantLinear."""
+def _panel_spec(linear: F32Linear, keep: list) -> tuple:
+    """(in, out, bias address, [one part]) of a packed float32 linear (row_bytes 4 * in)."""
+    data = linear.packed.data.contiguous()
+    keep.append(data)
+    bias = 0 if linear.bias is None else linear.bias.data.data_ptr()
+    return (linear.in_features, linear.out_features, bias,
+            [(data.data_ptr(), _PANELS[type(linear)][1], linear.out_features, 4 * linear.in_features)])
+
+
+def _runs(linear: torch.nn.Module) -> bool:
+    """Whether the stack has a kernel for this projection."""
+    if type(linear) in _PANELS:
+        return linear.packed.dtype == _PANELS[type(linear)][0]
+    return isinstance(linear, QuantLinear) and all(q in cpp_quant.QTYPE_CODES for q in linear.qtypes)
+
+
+def _linear_spec(linear: QuantLinear | F32Linear, keep: list) -> tuple:
+    """(in, out, bias address, [(data, qtype, rows, row_bytes)]) of one projection."""
+    if type(linear) in _PANELS:
+        return _panel_spec(linear, keep)
     parts = []
     for part in linear.parts():
         data = part.data.contiguous()
@@ -34,22 +57,20 @@ def _linear_spec(linear: QuantLinear, keep: list) -> tuple:
 
 def eligible(model: torch.nn.Module) -> bool:
     """Whether the stack can run this model: the C++ extension, a float32 llama-family model
-    on CPU without q/k norms, SiLU MLPs, and every projection a QuantLinear of C++ qtypes."""
+    on CPU without q/k norms, SiLU MLPs, and every projection an F32Linear or a QuantLinear
+    of C++ qtypes."""
     config = getattr(model, "config", None)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if (not cpp.available() or os.environ.get(ENV, "1") == "0" or config is None
-            or layers is None or config.qk_norm or config.dtype != torch.float32):
+            or layers is None or config.qk_norm or config.dtype not in _MODEL_DTYPES):
         return False
     for layer in layers:
         if not getattr(layer.mlp, "fused_silu", False):
             return False
-        for name in _PROJECTIONS:
-            linear = layer.get_submodule(name)
-            if not isinstance(linear, QuantLinear) or any(
-                    q not in cpp_quant.QTYPE_CODES for q in linear.qtypes):
-                return False
+        if not all(_runs(layer.get_submodule(name)) for name in _PROJECTIONS):
+            return False
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):
+        if any(w.dtype not in _MODEL_DTYPES or w.device.type != "cpu" for w in norms):
             return False
     return True
 

@@ -15,6 +15,7 @@ from ..kv_cache.pool import ModelCacheView
 from ..models.attention import build_metadata
 from ..models.loading import check_model_path, load_model, load_tokenizer
 from ..models.bf16_linear import use_bf16_linears
+from ..models.f32_linear import use_f32_linears
 from ..models.native_stack import use_native_stack
 from ..models.packed_linear import pack_linears
 from ..models.sharding import TensorParallel, local_config
@@ -71,9 +72,10 @@ class ModelRunner:
             self.config = local_config(self.config, comm.world_size)
         if kv_cache_dtype != "auto":
             self.config = dataclasses.replace(self.config, kv_dtype=getattr(torch, kv_cache_dtype))
-        # CPU: float32 linears oneDNN-packed, bfloat16 ones packed for the C++ bf16 kernel
-        self.num_packed_linears = (pack_linears(self.model) + use_bf16_linears(self.model)
-                                   if device == "cpu" else 0)
+        # CPU: float32 and bfloat16 linears packed for the C++ kernels (float32 ones for
+        # oneDNN when the extension is missing)
+        self.num_packed_linears = (use_f32_linears(self.model) + pack_linears(self.model)
+                                   + use_bf16_linears(self.model) if device == "cpu" else 0)
         # CPU, quantized llama-family: the decoder layers run as one C++ call per step
         self.native_stack = device == "cpu" and use_native_stack(self.model)
 

@@ -1,7 +1,7 @@
 """The C++ decoder stack (models/native_stack.py) against the Python layer loop it replaces:
 the same kernels in the same order, so the logits of every token of a prefill / chunked
 prefill / decode schedule are bit-equal, for every GGUF block format, mixed formats in one
-projection, qkv bias (Qwen2), sliding windows (Mistral), GQA and llama-3 rope; models it
+projection, packed float32 weights, qkv bias (Qwen2), sliding windows (Mistral), GQA and llama-3 rope; models it
 cannot run keep the loop; bad metadata raises instead of writing outside the cache; the
 engine uses it and gives the loop's tokens."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as GGML
 import lmarith as la
 from lmarith.bindings import ops
 from lmarith.models import load_model
+from lmarith.models.f32_linear import use_f32_linears
 from lmarith.models.native_stack import ENV, NativeStack, eligible, use_native_stack
 from models.test_models import PagedRunner, hf_model, random_sequences, run_schedule, write_gguf
 from models.test_quantized import FORMATS, model_sizes, quantizer
@@ -58,8 +59,18 @@ def test_q8_0_checkpoints_match_the_loop(tmp_path, family):
     assert_equal_logits(load_model(str(tmp_path), quantization="q8_0"))
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral_window", "llama_tied_gqa3"])
+def test_float32_packed_linears_match_the_loop(tmp_path, family):
+    """Float32 checkpoints with F32Linear projections (what the engine gives a CPU model):
+    the stack reads the same packed panels through the same kernel."""
+    hf_model(family).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert use_f32_linears(model) > 0 and eligible(model)
+    assert_equal_logits(model)
+
+
 def test_models_it_cannot_run_keep_the_loop(tmp_path, monkeypatch):
-    """Float weights, q/k norms (Qwen3), and LMARITH_NATIVE_STACK=0 are not eligible."""
+    """Unpacked float weights, q/k norms (Qwen3), and LMARITH_NATIVE_STACK=0 are not eligible."""
     hf_model("llama").save_pretrained(tmp_path / "llama")
     hf_model("qwen3").save_pretrained(tmp_path / "qwen3")
     assert not eligible(load_model(str(tmp_path / "llama")))
