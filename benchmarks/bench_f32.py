@@ -8,7 +8,8 @@ bytes the calls read.
         own weights, so every call streams its weight from DRAM as decode does)
     OMP_WAIT_POLICY=passive python benchmarks/bench_f32.py --engine [--batches 1 16] [--tokens 32]
         (the embedded SmolLM2-135M in float32: oneDNN-packed linears in the Python layer loop,
-        F32Linear in the loop, F32Linear in the native C++ stack)
+        F32Linear in the loop, F32Linear in the native C++ stack layer by layer
+        (LMARITH_STACK_TEAM=0), and the stack as one thread team per decode step)
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from lmarith.worker import model_runner
 
 LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]   # (N, K): qkv, o, gate_up, down
 HEAD = (49152, 576)
+TEAM_ENV = "LMARITH_STACK_TEAM"   # csrc/decoder_stack.cpp: "0" runs decode steps layer by layer
 
 
 def seconds_per_call(call: Callable[[], object], calls: int) -> float:
@@ -93,7 +95,7 @@ def float32_path(packed_linears: bool, stack: bool) -> Iterator[None]:
 
 
 def engine_table(batches: list[int], tokens: int, repeats: int) -> None:
-    """Decode ms/step and tok/s of the three float32 engines, alternated, medians, ratios."""
+    """Decode ms/step and tok/s of the four float32 variants, alternated, medians, ratios."""
     import lmarith as la
     from lmarith.embedded import embedded_model
 
@@ -104,13 +106,18 @@ def engine_table(batches: list[int], tokens: int, repeats: int) -> None:
                                 ("F32Linear, native stack", True, True)):
         with float32_path(packed, stack):
             engines[name] = la.LLM(kv_cache_bytes=1 << 28, models=[model])
+    variants = {"oneDNN packed, Python loop": (engines["oneDNN packed, Python loop"], "1"),
+                "F32Linear, Python loop": (engines["F32Linear, Python loop"], "1"),
+                "native stack, no team": (engines["F32Linear, native stack"], "0"),
+                "native stack, team": (engines["F32Linear, native stack"], "1")}
     print("| batch | engine | ms/step | tok/s | vs oneDNN loop |")
     print("|---|---|---|---|---|")
     for batch in batches:
         params = la.SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
-        samples: dict[str, list[float]] = {name: [] for name in engines}
+        samples: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(repeats + 1):                       # the first round warms up
-            for name, llm in engines.items():
+            for name, (llm, team) in variants.items():
+                os.environ[TEAM_ENV] = team
                 outputs = llm.generate(["Tell me about cats."] * batch, model, params)
                 samples[name].append(max(o.metrics.decode_time for o in outputs) / tokens)
         base = statistics.median(samples["oneDNN packed, Python loop"][1:])
@@ -118,6 +125,7 @@ def engine_table(batches: list[int], tokens: int, repeats: int) -> None:
             seconds = statistics.median(values[1:])
             print(f"| {batch} | {name} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | "
                   f"{base / seconds:.2f}x |", flush=True)
+    os.environ.pop(TEAM_ENV, None)
 
 
 def main() -> None:

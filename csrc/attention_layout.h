@@ -54,9 +54,11 @@ inline void split_range(const PagedAttentionArgs& a, const RowBlock& block, int6
   end = first + (last - first) * (split + 1) / splits;
 }
 
+// Threads an attention call may use: one when called from inside a running team (the
+// decoder stack's), whose other threads are busy or waiting.
 inline int64_t num_threads() {
 #ifdef LMARITH_OPENMP
-  return omp_get_max_threads();
+  return omp_in_parallel() ? 1 : omp_get_max_threads();
 #else
   return 1;
 #endif

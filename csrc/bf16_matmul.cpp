@@ -26,6 +26,10 @@ namespace {
 
 constexpr int kMaxTile = 8;            // activation rows per kernel call (AVX2: 4)
 constexpr int64_t kChunkBlocks = 4;    // row blocks per unit of OpenMP work
+// How far ahead (column pairs, 64 bytes each) the weight stream is prefetched: as in
+// f32_matmul, the hardware prefetcher alone left the decode GEMV well short of a core's
+// read rate.
+constexpr int64_t kPrefetchPairs = 32;
 
 // `rows` activation rows as bf16 bits, pairs-padded: row r's column j at x[r * stride + j].
 struct Tile {
@@ -81,6 +85,7 @@ LMARITH_AVX2 void avx2_rows(const uint16_t* block, int64_t pairs, const Tile& ti
   for (int r = 0; r < R; ++r) low[r] = high[r] = _mm256_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     const uint16_t* w = block + p * 2 * kBf16Block;
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchPairs * 2 * kBf16Block), _MM_HINT_T0);
     const __m256i w_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
     const __m256i w_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kBf16Block));
 #pragma GCC unroll 4
@@ -119,6 +124,8 @@ LMARITH_AVX512BF16 void bf16_rows(const uint16_t* block, int64_t pairs, const Ti
   int64_t p = 0;
   for (; p + 2 <= pairs; p += 2) {
     const uint16_t* w = block + p * 2 * kBf16Block;
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchPairs * 2 * kBf16Block), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (kPrefetchPairs + 1) * 2 * kBf16Block), _MM_HINT_T0);
     const __m512bh w0 = bf16_pairs(_mm512_loadu_si512(w));
     const __m512bh w1 = bf16_pairs(_mm512_loadu_si512(w + 2 * kBf16Block));
 #pragma GCC unroll 8
@@ -222,6 +229,35 @@ bool bf16_isa_supported(Bf16Isa isa) {
   return true;
 }
 
+namespace {
+
+// Output blocks [first_block, last_block) of x (already bf16 pairs) @ W.T on this thread.
+void block_range(const uint16_t* rows, int64_t m, int64_t pairs, const uint16_t* packed, int64_t n,
+                 const float* bias, void* out, LogitsDtype out_dtype, const Kernel& kernel,
+                 int64_t first_block, int64_t last_block) {
+  alignas(64) float acc[kMaxTile * kBf16Block];
+  for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
+    const Tile tile{rows + row0 * 2 * pairs, 2 * pairs,
+                    static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};
+    for (int64_t b = first_block; b < last_block; ++b) {
+      kernel.dot(packed + b * pairs * 2 * kBf16Block, pairs, tile, acc);
+      store_tile(acc, tile.rows, row0, b * kBf16Block, n, bias, out, out_dtype);
+    }
+  }
+}
+
+}  // namespace
+
+void bf16_matmul_blocks(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k,
+                        const uint16_t* packed, int64_t n, const float* bias, void* out,
+                        LogitsDtype out_dtype, Bf16Isa isa, int64_t first_block, int64_t last_block) {
+  if (m == 0 || first_block >= last_block) return;
+  std::vector<uint16_t> copy;
+  const uint16_t* rows = bf16_rows_of(x, x_dtype, m, k, copy);
+  block_range(rows, m, (k + 1) / 2, packed, n, bias, out, out_dtype, pick_kernel(isa), first_block,
+              last_block);
+}
+
 void bf16_matmul(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k, const uint16_t* packed,
                  int64_t n, const float* bias, void* out, LogitsDtype out_dtype, Bf16Isa isa) {
   if (m == 0 || n == 0) return;
@@ -236,18 +272,9 @@ void bf16_matmul(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k, const
   // with benchmarks/bench_bf16.py --sweep: 1.1-1.2x slower from a 0.5 MB threshold).
   // Dynamic chunks: a thread slowed by another process does not hold the others up.
 #pragma omp parallel for schedule(dynamic, 1) if (m * n * k > (1 << 22))
-  for (int64_t c = 0; c < chunks; ++c) {
-    alignas(64) float acc[kMaxTile * kBf16Block];
-    const int64_t last = std::min(blocks, (c + 1) * kChunkBlocks);
-    for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
-      const Tile tile{rows + row0 * 2 * pairs, 2 * pairs,
-                      static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};
-      for (int64_t b = c * kChunkBlocks; b < last; ++b) {
-        kernel.dot(packed + b * pairs * 2 * kBf16Block, pairs, tile, acc);
-        store_tile(acc, tile.rows, row0, b * kBf16Block, n, bias, out, out_dtype);
-      }
-    }
-  }
+  for (int64_t c = 0; c < chunks; ++c)
+    block_range(rows, m, pairs, packed, n, bias, out, out_dtype, kernel, c * kChunkBlocks,
+                std::min(blocks, (c + 1) * kChunkBlocks));
 }
 
 }  // namespace lmarith

@@ -26,6 +26,12 @@ enum class Bf16Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Bf16 = 3 };
 void bf16_matmul(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k, const uint16_t* packed,
                  int64_t n, const float* bias, void* out, LogitsDtype out_dtype, Bf16Isa isa);
 
+// bf16_matmul's output columns [16 * first_block, min(n, 16 * last_block)) only, on the
+// calling thread: a caller that already runs a thread team (the decoder stack) splits the blocks.
+void bf16_matmul_blocks(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k,
+                        const uint16_t* packed, int64_t n, const float* bias, void* out,
+                        LogitsDtype out_dtype, Bf16Isa isa, int64_t first_block, int64_t last_block);
+
 // Whether this CPU (and build) runs a bf16_matmul path (kAuto, kScalar: always).
 bool bf16_isa_supported(Bf16Isa isa);
 

@@ -1,25 +1,55 @@
 // csrc/decoder_stack.h: the layer loop of LlamaForCausalLM.forward in C++, over the same
-// kernels the Python path dispatches one at a time.
+// kernels the Python path dispatches one at a time, in the model's activation dtype.
 #include "decoder_stack.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 
+#ifdef LMARITH_OPENMP
+#include <omp.h>
+#endif
+#include "bf16_matmul.h"
 #include "f32_matmul.h"
 #include "layer_ops.h"
+#include "spin_barrier.h"
 
 namespace lmarith {
 namespace {
 
 constexpr LogitsDtype kF32 = LogitsDtype::kFloat32;
+constexpr int64_t kTeamTokens = 16;  // steps up to this many rows run as one thread team
+// After a team step whose barriers waited long (another process took a core), this many
+// steps run the serial layer loop before the team is tried again.
+constexpr int kContendedSteps = 128;
+std::atomic<int> serial_steps_left{0};
 
-// Scratch rows of one forward: normed input, qkv, attention output, gate/up, activation.
+// A buffer of activations in the stack's dtype (float storage, of which bfloat16 uses half):
+// at(i) is element i's address.
+struct Rows {
+  std::vector<float> storage;
+  int64_t element = 4;
+  void resize(int64_t count, LogitsDtype dtype) {
+    element = dtype == kF32 ? 4 : 2;
+    storage.assign((count * element + 3) / 4, 0.0f);
+  }
+  void* at(int64_t index) { return reinterpret_cast<char*>(storage.data()) + index * element; }
+  void* data() { return storage.data(); }
+};
+
+// Scratch rows of one forward: normed input, qkv, attention output, gate/up, activation,
+// and one float32 part of a multi-part (quantized) projection.
 struct Buffers {
-  std::vector<float> hidden, residual, normed, qkv, attn, gate_up, act, part;
-  Buffers(const StackShape& s, const std::vector<StackLayer>& layers, int64_t tokens)
-      : hidden(tokens * s.hidden), residual(tokens * s.hidden), normed(tokens * s.hidden),
-        qkv(tokens * (s.heads + 2 * s.kv_heads) * s.head_dim), attn(tokens * s.heads * s.head_dim),
-        gate_up(tokens * 2 * s.intermediate), act(tokens * s.intermediate) {
+  Rows hidden, residual, normed, qkv, attn, gate_up, act;
+  std::vector<float> part;
+  Buffers(const StackShape& s, const std::vector<StackLayer>& layers, int64_t tokens) {
+    const int64_t q = (s.heads + 2 * s.kv_heads) * s.head_dim;
+    for (auto [rows, width] : {std::pair<Rows*, int64_t>{&hidden, s.hidden}, {&residual, s.hidden},
+                               {&normed, s.hidden}, {&qkv, q}, {&attn, s.heads * s.head_dim},
+                               {&gate_up, 2 * s.intermediate}, {&act, s.intermediate}})
+      rows->resize(tokens * width, s.dtype);
     int64_t widest = 0;
     for (const StackLayer& layer : layers)
       for (const StackLinear* linear : {&layer.qkv, &layer.o_proj, &layer.gate_up, &layer.down})
@@ -28,44 +58,58 @@ struct Buffers {
   }
 };
 
-// y = x @ W.T (+ bias); several parts are computed one after another into `part` and
-// placed side by side in each row of y.
-void linear(const StackLinear& w, const float* x, int64_t tokens, QuantIsa isa, float* y,
-            float* part) {
+// One part's product into target [tokens, p.rows] (row stride p.rows); the panel kernels add
+// the bias themselves (before a bfloat16 result is rounded, as BF16Linear does).
+void part_product(const StackPart& p, const void* x, LogitsDtype dtype, int64_t tokens,
+                  int64_t in, const float* bias, QuantIsa isa, void* target) {
+  if (p.bf16 != nullptr)
+    bf16_matmul(x, dtype, tokens, in, p.bf16, p.rows, bias, target, dtype, Bf16Isa::kAuto);
+  else if (p.f32 != nullptr)
+    f32_matmul(static_cast<const float*>(x), tokens, in, p.f32, p.rows, bias,
+               static_cast<float*>(target), F32Isa::kAuto);
+  else
+    quant_matmul(x, dtype, tokens, in, p.data, p.qtype, p.rows, p.row_bytes, isa,
+                 static_cast<float*>(target));
+}
+
+// y = x @ W.T (+ bias); several (quantized, float32) parts are computed one after another
+// into `part` and placed side by side in each row of y, and the bias added after.
+void linear(const StackLinear& w, const void* x, LogitsDtype dtype, int64_t tokens, QuantIsa isa,
+            void* y, float* part) {
+  const StackPart& first = w.parts.front();
+  if (w.parts.size() == 1 && (first.f32 != nullptr || first.bf16 != nullptr))
+    return part_product(first, x, dtype, tokens, w.in_features, w.bias, isa, y);
+  float* out = static_cast<float*>(y);
   const bool single = w.parts.size() == 1;
   int64_t column = 0;
   for (const StackPart& p : w.parts) {
-    float* target = single ? y : part;
-    if (p.f32 != nullptr)
-      f32_matmul(x, tokens, w.in_features, p.f32, p.rows, nullptr, target, F32Isa::kAuto);
-    else
-      quant_matmul(x, kF32, tokens, w.in_features, p.data, p.qtype, p.rows, p.row_bytes, isa, target);
+    part_product(p, x, dtype, tokens, w.in_features, nullptr, isa, single ? out : part);
     for (int64_t t = 0; !single && t < tokens; ++t)
-      std::memcpy(y + t * w.out_features + column, part + t * p.rows, p.rows * sizeof(float));
+      std::memcpy(out + t * w.out_features + column, part + t * p.rows, p.rows * sizeof(float));
     column += p.rows;
   }
   if (w.bias == nullptr) return;
   for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t i = 0; i < w.out_features; ++i) y[t * w.out_features + i] += w.bias[i];
+    for (int64_t i = 0; i < w.out_features; ++i) out[t * w.out_features + i] += w.bias[i];
+}
+
+CacheView cache_view(const StackStep& step, std::uintptr_t address) {
+  return {reinterpret_cast<void*>(address), step.cache_strides[0], step.cache_strides[1],
+          step.cache_strides[2], static_cast<LogitsDtype>(step.cache_dtype)};
 }
 
 // Rotary on q and k, K/V into the caches, attention of q over them -> b.attn.
 void attend(const StackShape& s, const StackLayer& layer, int64_t index, const StackStep& step,
             Buffers& b) {
   const int64_t dim = s.head_dim, width = (s.heads + 2 * s.kv_heads) * dim;
-  float* qkv = b.qkv.data();
-  rotary(qkv, step.tokens, width, s.heads + s.kv_heads, dim, step.cos, step.sin, kF32);
+  rotary(b.qkv.data(), step.tokens, width, s.heads + s.kv_heads, dim, step.cos, step.sin, s.dtype);
   const int64_t rows[2] = {width, dim};
-  const CacheView key{reinterpret_cast<void*>(step.key_caches[index]), step.cache_strides[0],
-                      step.cache_strides[1], step.cache_strides[2],
-                      static_cast<LogitsDtype>(step.cache_dtype)};
-  const CacheView value{reinterpret_cast<void*>(step.value_caches[index]), step.cache_strides[0],
-                        step.cache_strides[1], step.cache_strides[2],
-                        static_cast<LogitsDtype>(step.cache_dtype)};
-  store_kv(qkv + s.heads * dim, qkv + (s.heads + s.kv_heads) * dim, rows, rows, kF32, step.tokens,
-           s.kv_heads, dim, key, value, step.slot_pages, step.slot_offsets);
+  const CacheView key = cache_view(step, step.key_caches[index]);
+  const CacheView value = cache_view(step, step.value_caches[index]);
+  store_kv(b.qkv.at(s.heads * dim), b.qkv.at((s.heads + s.kv_heads) * dim), rows, rows, s.dtype,
+           step.tokens, s.kv_heads, dim, key, value, step.slot_pages, step.slot_offsets);
   const PagedAttentionArgs args{
-      qkv, AttnDtype::kFloat32, step.tokens, s.heads, dim, width, dim,
+      b.qkv.data(), static_cast<AttnDtype>(s.dtype), step.tokens, s.heads, dim, width, dim,
       {key.data, key.page_stride, key.slot_stride, key.head_stride},
       {value.data, value.page_stride, value.slot_stride, value.head_stride},
       step.cache_dtype, step.page_size, s.kv_heads, step.query_start, step.context_lens,
@@ -79,23 +123,129 @@ void attend(const StackShape& s, const StackLayer& layer, int64_t index, const S
 void run_layer(const StackShape& s, const StackLayer& layer, int64_t index, const StackStep& step,
                Buffers& b) {
   const int64_t tokens = step.tokens, hidden = s.hidden;
-  float* residual = b.residual.data();
   if (index == 0) {
-    std::memcpy(residual, b.hidden.data(), tokens * hidden * sizeof(float));
-    rms_norm(b.hidden.data(), nullptr, layer.input_norm, tokens, hidden, s.eps, kF32,
+    std::memcpy(b.residual.data(), b.hidden.data(), tokens * hidden * b.hidden.element);
+    rms_norm(b.hidden.data(), nullptr, layer.input_norm, tokens, hidden, s.eps, s.dtype,
              b.normed.data(), nullptr);
   } else {
-    rms_norm(b.hidden.data(), residual, layer.input_norm, tokens, hidden, s.eps, kF32,
-             b.normed.data(), residual);
+    rms_norm(b.hidden.data(), b.residual.data(), layer.input_norm, tokens, hidden, s.eps, s.dtype,
+             b.normed.data(), b.residual.data());
   }
-  linear(layer.qkv, b.normed.data(), tokens, s.isa, b.qkv.data(), b.part.data());
+  linear(layer.qkv, b.normed.data(), s.dtype, tokens, s.isa, b.qkv.data(), b.part.data());
   attend(s, layer, index, step, b);
-  linear(layer.o_proj, b.attn.data(), tokens, s.isa, b.hidden.data(), b.part.data());
-  rms_norm(b.hidden.data(), residual, layer.post_norm, tokens, hidden, s.eps, kF32,
-           b.normed.data(), residual);
-  linear(layer.gate_up, b.normed.data(), tokens, s.isa, b.gate_up.data(), b.part.data());
-  silu_mul(b.gate_up.data(), tokens, s.intermediate, kF32, b.act.data());
-  linear(layer.down, b.act.data(), tokens, s.isa, b.hidden.data(), b.part.data());
+  linear(layer.o_proj, b.attn.data(), s.dtype, tokens, s.isa, b.hidden.data(), b.part.data());
+  rms_norm(b.hidden.data(), b.residual.data(), layer.post_norm, tokens, hidden, s.eps, s.dtype,
+           b.normed.data(), b.residual.data());
+  linear(layer.gate_up, b.normed.data(), s.dtype, tokens, s.isa, b.gate_up.data(), b.part.data());
+  silu_mul(b.gate_up.data(), tokens, s.intermediate, s.dtype, b.act.data());
+  linear(layer.down, b.act.data(), s.dtype, tokens, s.isa, b.hidden.data(), b.part.data());
+}
+
+// out = hidden + residual, rounded to the dtype as rms_norm rounds its summed rows.
+void add_rows(Buffers& b, const StackShape& s, int64_t size, void* out) {
+  if (s.dtype == kF32) {
+    const float* x = static_cast<const float*>(b.hidden.data());
+    const float* r = static_cast<const float*>(b.residual.data());
+    for (int64_t i = 0; i < size; ++i) static_cast<float*>(out)[i] = x[i] + r[i];
+    return;
+  }
+  const uint16_t* x = static_cast<const uint16_t*>(b.hidden.data());
+  const uint16_t* r = static_cast<const uint16_t*>(b.residual.data());
+  for (int64_t i = 0; i < size; ++i)
+    static_cast<uint16_t*>(out)[i] =
+        detail::float_to_bf16(detail::bf16_to_float(x[i]) + detail::bf16_to_float(r[i]));
+}
+
+// The threads of a team step: this thread's index, the team's size, their barrier.
+struct Team {
+  int id, size;
+  SpinBarrier* barrier;
+  void sync() const { barrier->wait(); }
+  bool lead() const { return id == 0; }
+};
+
+// A single-part panel linear, this thread's share of its 16-row blocks.
+void team_linear(const StackLinear& w, const void* x, LogitsDtype dtype, int64_t tokens, void* y,
+                 const Team& team) {
+  const StackPart& p = w.parts.front();
+  const int64_t blocks = (p.rows + 15) / 16;
+  const int64_t first = blocks * team.id / team.size, last = blocks * (team.id + 1) / team.size;
+  if (p.bf16 != nullptr)
+    bf16_matmul_blocks(x, dtype, tokens, w.in_features, p.bf16, p.rows, w.bias, y, dtype,
+                       Bf16Isa::kAuto, first, last);
+  else
+    f32_matmul_blocks(static_cast<const float*>(x), tokens, w.in_features, p.f32, p.rows, w.bias,
+                      static_cast<float*>(y), F32Isa::kAuto, first, last);
+  team.sync();
+}
+
+// run_layer as a team: every thread streams its share of each projection's weights (the
+// bandwidth of all cores for decode GEMVs), the lead runs the small row ops between them.
+void run_layer_team(const StackShape& s, const StackLayer& layer, int64_t index,
+                    const StackStep& step, Buffers& b, const Team& team) {
+  const int64_t tokens = step.tokens, hidden = s.hidden;
+  if (team.lead() && index == 0) {
+    std::memcpy(b.residual.data(), b.hidden.data(), tokens * hidden * b.hidden.element);
+    rms_norm(b.hidden.data(), nullptr, layer.input_norm, tokens, hidden, s.eps, s.dtype,
+             b.normed.data(), nullptr);
+  } else if (team.lead()) {
+    rms_norm(b.hidden.data(), b.residual.data(), layer.input_norm, tokens, hidden, s.eps, s.dtype,
+             b.normed.data(), b.residual.data());
+  }
+  team.sync();
+  team_linear(layer.qkv, b.normed.data(), s.dtype, tokens, b.qkv.data(), team);
+  if (team.lead()) attend(s, layer, index, step, b);
+  team.sync();
+  team_linear(layer.o_proj, b.attn.data(), s.dtype, tokens, b.hidden.data(), team);
+  if (team.lead())
+    rms_norm(b.hidden.data(), b.residual.data(), layer.post_norm, tokens, hidden, s.eps, s.dtype,
+             b.normed.data(), b.residual.data());
+  team.sync();
+  team_linear(layer.gate_up, b.normed.data(), s.dtype, tokens, b.gate_up.data(), team);
+  if (team.lead()) silu_mul(b.gate_up.data(), tokens, s.intermediate, s.dtype, b.act.data());
+  team.sync();
+  team_linear(layer.down, b.act.data(), s.dtype, tokens, b.hidden.data(), team);
+}
+
+// Whether a step runs as a team: few rows (decode; prefill's larger products parallelise
+// inside each kernel), more than one thread, every projection one part of float panels, and
+// LMARITH_STACK_TEAM not "0" (read every step, so a benchmark can compare both in one run).
+bool team_step(const std::vector<StackLayer>& layers, int64_t tokens) {
+  const char* setting = std::getenv("LMARITH_STACK_TEAM");
+  const bool enabled = setting == nullptr || std::string_view(setting) != "0";
+#ifdef LMARITH_OPENMP
+  if (!enabled || tokens > kTeamTokens || omp_in_parallel() || omp_get_max_threads() < 2) return false;
+  if (serial_steps_left.load(std::memory_order_relaxed) > 0) {
+    serial_steps_left.fetch_sub(1, std::memory_order_relaxed);
+    return false;
+  }
+#else
+  return false;
+#endif
+  for (const StackLayer& layer : layers)
+    for (const StackLinear* w : {&layer.qkv, &layer.o_proj, &layer.gate_up, &layer.down})
+      if (w->parts.size() != 1 || (w->parts[0].f32 == nullptr && w->parts[0].bf16 == nullptr))
+        return false;
+  return enabled;
+}
+
+void run_team(const StackShape& shape, const std::vector<StackLayer>& layers, const StackStep& step,
+              Buffers& buffers) {
+  SpinBarrier barrier;
+#ifdef LMARITH_OPENMP
+#pragma omp parallel
+#endif
+  {
+#ifdef LMARITH_OPENMP
+    const Team team{omp_get_thread_num(), omp_get_num_threads(), &barrier};
+#else
+    const Team team{0, 1, &barrier};
+#endif
+    barrier.join(team.size);
+    for (size_t index = 0; index < layers.size(); ++index)
+      run_layer_team(shape, layers[index], static_cast<int64_t>(index), step, buffers, team);
+  }
+  if (barrier.contended()) serial_steps_left.store(kContendedSteps, std::memory_order_relaxed);
 }
 
 }  // namespace
@@ -105,10 +255,14 @@ void decoder_stack_forward(const StackShape& shape, const std::vector<StackLayer
   if (step.tokens == 0) return;
   Buffers buffers(shape, layers, step.tokens);
   const int64_t size = step.tokens * shape.hidden;
-  std::memcpy(buffers.hidden.data(), step.x, size * sizeof(float));
-  for (size_t index = 0; index < layers.size(); ++index)
-    run_layer(shape, layers[index], static_cast<int64_t>(index), step, buffers);
-  for (int64_t i = 0; i < size; ++i) step.out[i] = buffers.hidden[i] + buffers.residual[i];
+  std::memcpy(buffers.hidden.data(), step.x, size * buffers.hidden.element);
+  if (team_step(layers, step.tokens)) {
+    run_team(shape, layers, step, buffers);
+  } else {
+    for (size_t index = 0; index < layers.size(); ++index)
+      run_layer(shape, layers[index], static_cast<int64_t>(index), step, buffers);
+  }
+  add_rows(buffers, shape, size, step.out);
 }
 
 }  // namespace lmarith

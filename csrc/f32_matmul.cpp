@@ -174,26 +174,31 @@ bool f32_isa_supported(F32Isa isa) {
   return true;
 }
 
+void f32_matmul_blocks(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,
+                       const float* bias, float* out, F32Isa isa, int64_t first_block,
+                       int64_t last_block) {
+  const Kernel kernel = pick_kernel(isa);
+  alignas(64) float acc[kMaxTile * kF32Block];
+  for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
+    const Tile tile{x + row0 * k, k, static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};
+    for (int64_t b = first_block; b < last_block; ++b) {
+      kernel.dot(packed + b * k * kF32Block, k, tile, acc);
+      store_tile(acc, tile.rows, row0, b * kF32Block, n, bias, out);
+    }
+  }
+}
+
 void f32_matmul(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,
                 const float* bias, float* out, F32Isa isa) {
   if (m == 0 || n == 0) return;
-  const Kernel kernel = pick_kernel(isa);
   const int64_t blocks = (n + kF32Block - 1) / kF32Block;
   const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks;
   // As bf16_matmul: parallel from 4M multiply-adds (at M = 1 only an output head); waking the
   // team for each of a decode step's ~120 layer GEMVs costs more than the second core gives.
 #pragma omp parallel for schedule(dynamic, 1) if (m * n * k > (1 << 22))
-  for (int64_t c = 0; c < chunks; ++c) {
-    alignas(64) float acc[kMaxTile * kF32Block];
-    const int64_t last = std::min(blocks, (c + 1) * kChunkBlocks);
-    for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
-      const Tile tile{x + row0 * k, k, static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};
-      for (int64_t b = c * kChunkBlocks; b < last; ++b) {
-        kernel.dot(packed + b * k * kF32Block, k, tile, acc);
-        store_tile(acc, tile.rows, row0, b * kF32Block, n, bias, out);
-      }
-    }
-  }
+  for (int64_t c = 0; c < chunks; ++c)
+    f32_matmul_blocks(x, m, k, packed, n, bias, out, isa, c * kChunkBlocks,
+                      std::min(blocks, (c + 1) * kChunkBlocks));
 }
 
 }  // namespace lmarith

@@ -26,6 +26,12 @@ enum class F32Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 void f32_matmul(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,
                 const float* bias, float* out, F32Isa isa);
 
+// f32_matmul's output columns [16 * first_block, min(n, 16 * last_block)) only, on the calling
+// thread: a caller that already runs a thread team (the decoder stack) splits the blocks.
+void f32_matmul_blocks(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,
+                       const float* bias, float* out, F32Isa isa, int64_t first_block,
+                       int64_t last_block);
+
 // Whether this CPU (and build) runs an f32_matmul path (kAuto, kScalar: always).
 bool f32_isa_supported(F32Isa isa);
 

@@ -237,7 +237,7 @@ void paged_attention_typed(const PagedAttentionArgs& a) {
   const int64_t items = static_cast<int64_t>(blocks.size()) * per_block;
   const int64_t outputs = a.num_tokens * a.num_heads;
   std::vector<float> partials(splits > 1 ? splits * outputs * (a.head_dim + 2) : 0);
-  const bool parallel = step_work(a, blocks) >= kParallelWork;
+  const bool parallel = attention::num_threads() > 1 && step_work(a, blocks) >= kParallelWork;
 #ifdef LMARITH_OPENMP
 #pragma omp parallel if (parallel)
 #endif

@@ -14,8 +14,14 @@ from .classifier import ClassifierInput, classifier_closures
 
 
 def stack_term_logits(term_logits: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """Rows of per-term logits [V] -> [T_max, B, V]; missing slots are zeros (weight 0)."""
+    """Rows of per-term logits [V] -> [T_max, B, V]; missing slots are zeros (weight 0).
+    One row of one term is a view, not a copy: on CPU every vocabulary-sized torch op wakes
+    the OpenMP team (~70 us under OMP_WAIT_POLICY=passive), a tenth of a small model's step."""
     num_terms = max(len(row) for row in term_logits)
+    if len(term_logits) == 1 and num_terms == 1:
+        return term_logits[0][0].reshape(1, 1, -1)
+    if all(len(row) == num_terms for row in term_logits):
+        return torch.stack([torch.stack([row[slot] for row in term_logits]) for slot in range(num_terms)])
     filler = torch.zeros_like(term_logits[0][0])
     return torch.stack([torch.stack([row[slot] if slot < len(row) else filler for row in term_logits])
                         for slot in range(num_terms)])
@@ -29,6 +35,8 @@ def compose(formulas: Sequence[Formula], plans: Sequence[Optional[Plan]],
     row's classifier texts are scored together, one forward per classifier."""
     stacked = stack_term_logits(term_logits)
     planned = [row for row, plan in enumerate(plans) if plan is not None]
+    if len(planned) == len(plans):      # every row compiled: one kernel, no gather or scatter
+        return combine(stacked.contiguous(), *stack_plans(plans, device=stacked.device))[0]
     result = torch.empty(stacked.shape[1], stacked.shape[-1], dtype=torch.float32, device=stacked.device)
     if planned:
         plan_tensors = stack_plans([plans[row] for row in planned], device=stacked.device)

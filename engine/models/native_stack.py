@@ -1,5 +1,5 @@
-"""NativeStack: a CPU llama-family model with quantized or packed float32 linears
-(QuantLinear, F32Linear) runs its decoder layers in
+"""NativeStack: a CPU llama-family model with quantized or packed float linears
+(QuantLinear, F32Linear; BF16Linear in a bfloat16 model) runs its decoder layers in
 one C++ call per forward (lmarith._C.DecoderStack, csrc/decoder_stack.cpp) instead of a
 dozen Python-dispatched ops per layer; at batch 1 those ops cost more than the weights'
 matmuls on a 135M model. The layer loop of LlamaForCausalLM.forward is the specification:
@@ -14,6 +14,7 @@ import torch
 
 from lmarith.bindings import cpp, cpp_quant
 from lmarith.models.attention import AttentionMetadata, KVCache
+from lmarith.models.bf16_linear import BF16Linear
 from lmarith.models.f32_linear import F32Linear
 from lmarith.models.quantization import QuantLinear
 
@@ -21,27 +22,33 @@ ENV = "LMARITH_NATIVE_STACK"
 _CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 # Packed float linears: (their panels' dtype, qtype code in bindings/stack_module.cpp).
-_PANELS = {F32Linear: (torch.float32, -1)}
-_MODEL_DTYPES = (torch.float32,)
+_PANELS = {F32Linear: (torch.float32, -1), BF16Linear: (torch.int16, -2)}
+_MODEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}   # activation dtype codes (csrc LogitsDtype)
 
 
-def _panel_spec(linear: F32Linear, keep: list) -> tuple:
-    """(in, out, bias address, [one part]) of a packed float32 linear (row_bytes 4 * in)."""
+def _panel_spec(linear: F32Linear | BF16Linear, keep: list) -> tuple:
+    """(in, out, bias address, [one part]) of a packed float linear: row_bytes is a row's
+    share of the panels (4 * in for float32, 2 * in rounded up to even for bfloat16)."""
     data = linear.packed.data.contiguous()
     keep.append(data)
+    k = linear.in_features
+    row_bytes = 4 * k if isinstance(linear, F32Linear) else 2 * (k + k % 2)
     bias = 0 if linear.bias is None else linear.bias.data.data_ptr()
-    return (linear.in_features, linear.out_features, bias,
-            [(data.data_ptr(), _PANELS[type(linear)][1], linear.out_features, 4 * linear.in_features)])
+    return (k, linear.out_features, bias,
+            [(data.data_ptr(), _PANELS[type(linear)][1], linear.out_features, row_bytes)])
 
 
-def _runs(linear: torch.nn.Module) -> bool:
-    """Whether the stack has a kernel for this projection."""
-    if type(linear) in _PANELS:
-        return linear.packed.dtype == _PANELS[type(linear)][0]
+def _runs(linear: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Whether the stack has a kernel for this projection of a `dtype` model: BF16Linear
+    in bfloat16 models, F32Linear or quantized blocks in float32 ones."""
+    if dtype == torch.bfloat16:
+        return isinstance(linear, BF16Linear) and linear.packed.dtype == torch.int16
+    if isinstance(linear, F32Linear):
+        return linear.packed.dtype == torch.float32
     return isinstance(linear, QuantLinear) and all(q in cpp_quant.QTYPE_CODES for q in linear.qtypes)
 
 
-def _linear_spec(linear: QuantLinear | F32Linear, keep: list) -> tuple:
+def _linear_spec(linear: QuantLinear | F32Linear | BF16Linear, keep: list) -> tuple:
     """(in, out, bias address, [(data, qtype, rows, row_bytes)]) of one projection."""
     if type(linear) in _PANELS:
         return _panel_spec(linear, keep)
@@ -56,9 +63,9 @@ def _linear_spec(linear: QuantLinear | F32Linear, keep: list) -> tuple:
 
 
 def eligible(model: torch.nn.Module) -> bool:
-    """Whether the stack can run this model: the C++ extension, a float32 llama-family model
-    on CPU without q/k norms, SiLU MLPs, and every projection an F32Linear or a QuantLinear
-    of C++ qtypes."""
+    """Whether the stack can run this model: the C++ extension, a float32 (bfloat16)
+    llama-family model on CPU without q/k norms, SiLU MLPs, every projection an F32Linear or
+    a QuantLinear of C++ qtypes (a BF16Linear), norms in the model's dtype."""
     config = getattr(model, "config", None)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if (not cpp.available() or os.environ.get(ENV, "1") == "0" or config is None
@@ -67,10 +74,10 @@ def eligible(model: torch.nn.Module) -> bool:
     for layer in layers:
         if not getattr(layer.mlp, "fused_silu", False):
             return False
-        if not all(_runs(layer.get_submodule(name)) for name in _PROJECTIONS):
+        if not all(_runs(layer.get_submodule(name), config.dtype) for name in _PROJECTIONS):
             return False
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if any(w.dtype not in _MODEL_DTYPES or w.device.type != "cpu" for w in norms):
+        if any(w.dtype != config.dtype or w.device.type != "cpu" for w in norms):
             return False
     return True
 
@@ -80,6 +87,7 @@ class NativeStack:
 
     def __init__(self, model: torch.nn.Module) -> None:
         config, self._keep = model.config, []
+        self.dtype = config.dtype
         layers = []
         for layer in model.model.layers:
             specs = [_linear_spec(layer.get_submodule(name), self._keep) for name in _PROJECTIONS]
@@ -91,7 +99,7 @@ class NativeStack:
         sizes = (config.hidden_size, attention.num_heads, attention.num_kv_heads, attention.head_dim,
                  config.intermediate_size)
         self.stack = cpp._C.DecoderStack(sizes, config.norm_eps, attention.scale,
-                                         cpp_quant.isa_code(), layers)
+                                         cpp_quant.isa_code(), layers, _MODEL_DTYPES[config.dtype])
         self._caches: Optional[tuple] = None
 
     def _cache_addresses(self, kv_caches: list[KVCache]) -> Optional[tuple]:
@@ -115,7 +123,7 @@ class NativeStack:
         """x + residual after the last layer (the final norm's input) for embeddings x
         [N, hidden]; None when these caches cannot be read in place (the caller loops)."""
         caches = self._cache_addresses(kv_caches)
-        if caches is None or len(kv_caches) != self.stack.num_layers:
+        if caches is None or len(kv_caches) != self.stack.num_layers or x.dtype != self.dtype:
             return None
         _, keys, values, strides, shape, dtype_code = caches
         x = x.contiguous()

@@ -1,7 +1,7 @@
 """The C++ decoder stack (models/native_stack.py) against the Python layer loop it replaces:
 the same kernels in the same order, so the logits of every token of a prefill / chunked
 prefill / decode schedule are bit-equal, for every GGUF block format, mixed formats in one
-projection, packed float32 weights, qkv bias (Qwen2), sliding windows (Mistral), GQA and llama-3 rope; models it
+projection, packed float32 and bfloat16 weights, qkv bias (Qwen2), sliding windows (Mistral), GQA and llama-3 rope; models it
 cannot run keep the loop; bad metadata raises instead of writing outside the cache; the
 engine uses it and gives the loop's tokens."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as GGML
 import lmarith as la
 from lmarith.bindings import ops
 from lmarith.models import load_model
+from lmarith.models.bf16_linear import use_bf16_linears
 from lmarith.models.f32_linear import use_f32_linears
 from lmarith.models.native_stack import ENV, NativeStack, eligible, use_native_stack
 from models.test_models import PagedRunner, hf_model, random_sequences, run_schedule, write_gguf
@@ -67,6 +68,35 @@ def test_float32_packed_linears_match_the_loop(tmp_path, family):
     model = load_model(str(tmp_path))
     assert use_f32_linears(model) > 0 and eligible(model)
     assert_equal_logits(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral_window", "llama_tied_gqa3"])
+def test_bfloat16_packed_linears_match_the_loop(tmp_path, family):
+    """A bfloat16 model with BF16Linear projections: the stack rounds every activation to
+    bfloat16 where the loop's ops do (bias added before the rounding), so it is bit-equal too."""
+    hf_model(family).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), dtype=torch.bfloat16)
+    assert use_bf16_linears(model) > 0 and eligible(model)
+    assert_equal_logits(model)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_serial_and_team_steps_match_the_loop(tmp_path, monkeypatch, threads):
+    """Steps of up to 16 rows run as one thread team when there are 2+ threads (every step of
+    the default schedule); a longer prefill, or one thread, runs the serial layer loop. A
+    schedule with a 20- and a 17-token prefill then decode steps covers both."""
+    import models.test_models as schedules
+    monkeypatch.setattr(schedules, "SCHEDULE", [(20, 17, 3), (1, 1, 1), (2, 1, 1), (1, 1, 1)])
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype, swap in ((torch.float32, use_f32_linears), (torch.bfloat16, use_bf16_linears)):
+            hf_model("llama_tied_gqa3").save_pretrained(tmp_path / str(dtype))
+            model = load_model(str(tmp_path / str(dtype)), dtype=dtype)
+            assert swap(model) > 0
+            assert_equal_logits(model)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_models_it_cannot_run_keep_the_loop(tmp_path, monkeypatch):
