@@ -23,7 +23,7 @@ constexpr LogitsDtype kF32 = LogitsDtype::kFloat32;
 constexpr int64_t kTeamTokens = 16;  // steps up to this many rows run as one thread team
 // After a team step whose barriers waited long (another process took a core), this many
 // steps run the serial layer loop before the team is tried again.
-constexpr int kContendedSteps = 128;
+constexpr int kContendedSteps = 16;
 std::atomic<int> serial_steps_left{0};
 
 // A buffer of activations in the stack's dtype (float storage, of which bfloat16 uses half):

@@ -53,7 +53,7 @@ class SpinBarrier {
 
  private:
   static constexpr std::chrono::microseconds kSpinFor{200};    // then yield the core
-  static constexpr std::chrono::microseconds kLongWait{1000};  // longer than any quiet step's op
+  static constexpr std::chrono::microseconds kLongWait{4000};  // longer than a quiet step's hiccups
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
     _mm_pause();
