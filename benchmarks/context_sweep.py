@@ -25,12 +25,16 @@ _RUN = itertools.count()
 
 class _Faces:
     """A variant: the torch reference, or the C++ face as dispatched, or (when a fallback
-    threshold is set) the C++ kernel with it lifted."""
+    threshold is set) the C++ kernel with it lifted. A model on the native C++ stack calls the
+    C++ kernel directly, so the torch variant runs it through the Python layer loop."""
 
-    def __init__(self, face: str, kernel_only: bool = False) -> None:
-        self.face, self.kernel_only = face, kernel_only
+    def __init__(self, face: str, kernel_only: bool = False, model=None) -> None:
+        self.face, self.kernel_only, self.model = face, kernel_only, model
 
     def __enter__(self):
+        self._stack = getattr(self.model, "native_stack", None)
+        if self.face == "torch" and self._stack is not None:
+            self.model.native_stack = None
         self._forced = ops.forced_face(OP, self.face)
         self._forced.__enter__()
         self._threshold = cpp.ATTENTION_MAX_QUERY_ROWS
@@ -41,6 +45,8 @@ class _Faces:
     def __exit__(self, *exc) -> None:
         cpp.ATTENTION_MAX_QUERY_ROWS = self._threshold
         self._forced.__exit__(*exc)
+        if self._stack is not None:
+            self.model.native_stack = self._stack
 
 
 def prompt_of(tokenizer, context: int) -> str:
@@ -63,9 +69,10 @@ def context_sweep(llm: la.LLM, model: la.Model, tokenizer, contexts: list[int], 
                   repeats: int) -> None:
     """Print the markdown table: per context, each variant's median decode ms/token and
     prefill ms, the C++/torch ratios, and the growth of decode time from the first context."""
-    variants = {"torch": _Faces("torch"), "cpp": _Faces("cpp")}
+    runner_model = llm.engine.worker.runners[model.spec].model
+    variants = {"torch": _Faces("torch", model=runner_model), "cpp": _Faces("cpp", model=runner_model)}
     if cpp.ATTENTION_MAX_QUERY_ROWS is not None:  # the kernel's own prefill, past the fallback
-        variants["cpp kernel"] = _Faces("cpp", kernel_only=True)
+        variants["cpp kernel"] = _Faces("cpp", kernel_only=True, model=runner_model)
     rows = {}
     for context in contexts:
         samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in variants}

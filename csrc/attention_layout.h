@@ -64,9 +64,10 @@ inline int64_t num_threads() {
 #endif
 }
 
-// Splits per item: enough items for every thread, each split at least kMinSplit positions.
-inline int64_t choose_splits(const PagedAttentionArgs& a, int64_t base_items) {
-  const int64_t wanted = (kItemsPerThread * num_threads() + base_items - 1) / base_items;
+// Splits per item: enough items for every one of `threads`, each split at least kMinSplit
+// positions.
+inline int64_t choose_splits(const PagedAttentionArgs& a, int64_t base_items, int64_t threads) {
+  const int64_t wanted = (kItemsPerThread * threads + base_items - 1) / base_items;
   return std::max<int64_t>(1, std::min(wanted, a.max_context_len / kMinSplit));
 }
 
@@ -91,7 +92,9 @@ struct Layout {
   }
 };
 
-inline Layout plan_layout(const PagedAttentionArgs& a, std::vector<RowBlock>& blocks) {
+// `threads`: the threads that will run the items (a running team's size, else ours).
+inline Layout plan_layout(const PagedAttentionArgs& a, std::vector<RowBlock>& blocks,
+                          int64_t threads = num_threads()) {
   const int64_t group = a.num_heads / a.kv_heads;
   int64_t longest = 1;
   for (int64_t seq = 0; seq < a.num_seqs; ++seq)
@@ -103,7 +106,7 @@ inline Layout plan_layout(const PagedAttentionArgs& a, std::vector<RowBlock>& bl
   layout.head_chunks = (a.kv_heads + layout.heads_per_item - 1) / layout.heads_per_item;
   blocks = row_blocks(a, layout.rows_per_block);
   const int64_t base_items = static_cast<int64_t>(blocks.size()) * layout.head_chunks;
-  layout.splits = choose_splits(a, std::max<int64_t>(1, base_items));
+  layout.splits = choose_splits(a, std::max<int64_t>(1, base_items), threads);
   return layout;
 }
 

@@ -11,6 +11,7 @@
 #ifdef LMARITH_OPENMP
 #include <omp.h>
 #endif
+#include "attention_team.h"
 #include "bf16_matmul.h"
 #include "f32_matmul.h"
 #include "layer_ops.h"
@@ -98,24 +99,34 @@ CacheView cache_view(const StackStep& step, std::uintptr_t address) {
           step.cache_strides[2], static_cast<LogitsDtype>(step.cache_dtype)};
 }
 
-// Rotary on q and k, K/V into the caches, attention of q over them -> b.attn.
-void attend(const StackShape& s, const StackLayer& layer, int64_t index, const StackStep& step,
-            Buffers& b) {
+// Rotary on q and k, and K/V into the caches.
+void rotate_and_store(const StackShape& s, int64_t index, const StackStep& step, Buffers& b) {
   const int64_t dim = s.head_dim, width = (s.heads + 2 * s.kv_heads) * dim;
   rotary(b.qkv.data(), step.tokens, width, s.heads + s.kv_heads, dim, step.cos, step.sin, s.dtype);
   const int64_t rows[2] = {width, dim};
+  store_kv(b.qkv.at(s.heads * dim), b.qkv.at((s.heads + s.kv_heads) * dim), rows, rows, s.dtype,
+           step.tokens, s.kv_heads, dim, cache_view(step, step.key_caches[index]),
+           cache_view(step, step.value_caches[index]), step.slot_pages, step.slot_offsets);
+}
+
+// The attention of q over layer `index`'s caches, into b.attn.
+PagedAttentionArgs attention_args(const StackShape& s, const StackLayer& layer, int64_t index,
+                                  const StackStep& step, Buffers& b) {
+  const int64_t dim = s.head_dim, width = (s.heads + 2 * s.kv_heads) * dim;
   const CacheView key = cache_view(step, step.key_caches[index]);
   const CacheView value = cache_view(step, step.value_caches[index]);
-  store_kv(b.qkv.at(s.heads * dim), b.qkv.at((s.heads + s.kv_heads) * dim), rows, rows, s.dtype,
-           step.tokens, s.kv_heads, dim, key, value, step.slot_pages, step.slot_offsets);
-  const PagedAttentionArgs args{
-      b.qkv.data(), static_cast<AttnDtype>(s.dtype), step.tokens, s.heads, dim, width, dim,
-      {key.data, key.page_stride, key.slot_stride, key.head_stride},
-      {value.data, value.page_stride, value.slot_stride, value.head_stride},
-      step.cache_dtype, step.page_size, s.kv_heads, step.query_start, step.context_lens,
-      step.block_tables, step.num_seqs, step.table_width, step.max_context_len, s.scale,
-      layer.sliding_window, b.attn.data()};
-  paged_attention(args);
+  return {b.qkv.data(), static_cast<AttnDtype>(s.dtype), step.tokens, s.heads, dim, width, dim,
+          {key.data, key.page_stride, key.slot_stride, key.head_stride},
+          {value.data, value.page_stride, value.slot_stride, value.head_stride},
+          step.cache_dtype, step.page_size, s.kv_heads, step.query_start, step.context_lens,
+          step.block_tables, step.num_seqs, step.table_width, step.max_context_len, s.scale,
+          layer.sliding_window, b.attn.data()};
+}
+
+void attend(const StackShape& s, const StackLayer& layer, int64_t index, const StackStep& step,
+            Buffers& b) {
+  rotate_and_store(s, index, step, b);
+  paged_attention(attention_args(s, layer, index, step, b));
 }
 
 // One pre-norm block; b.hidden is its input (the previous block's output) and, after it,
@@ -156,10 +167,12 @@ void add_rows(Buffers& b, const StackShape& s, int64_t size, void* out) {
         detail::float_to_bf16(detail::bf16_to_float(x[i]) + detail::bf16_to_float(r[i]));
 }
 
-// The threads of a team step: this thread's index, the team's size, their barrier.
+// The threads of a team step: this thread's index, the team's size, their barrier and the
+// attention plan they share.
 struct Team {
   int id, size;
   SpinBarrier* barrier;
+  AttentionTeamState* attention;
   void sync() const { barrier->wait(); }
   bool lead() const { return id == 0; }
 };
@@ -180,7 +193,8 @@ void team_linear(const StackLinear& w, const void* x, LogitsDtype dtype, int64_t
 }
 
 // run_layer as a team: every thread streams its share of each projection's weights (the
-// bandwidth of all cores for decode GEMVs), the lead runs the small row ops between them.
+// bandwidth of all cores for decode GEMVs) and runs its share of the attention items; the
+// lead runs the small row ops between them.
 void run_layer_team(const StackShape& s, const StackLayer& layer, int64_t index,
                     const StackStep& step, Buffers& b, const Team& team) {
   const int64_t tokens = step.tokens, hidden = s.hidden;
@@ -194,7 +208,10 @@ void run_layer_team(const StackShape& s, const StackLayer& layer, int64_t index,
   }
   team.sync();
   team_linear(layer.qkv, b.normed.data(), s.dtype, tokens, b.qkv.data(), team);
-  if (team.lead()) attend(s, layer, index, step, b);
+  if (team.lead()) rotate_and_store(s, index, step, b);
+  team.sync();
+  paged_attention_team(attention_args(s, layer, index, step, b), team.id, team.size, *team.barrier,
+                       *team.attention);
   team.sync();
   team_linear(layer.o_proj, b.attn.data(), s.dtype, tokens, b.hidden.data(), team);
   if (team.lead())
@@ -232,14 +249,15 @@ bool team_step(const std::vector<StackLayer>& layers, int64_t tokens) {
 void run_team(const StackShape& shape, const std::vector<StackLayer>& layers, const StackStep& step,
               Buffers& buffers) {
   SpinBarrier barrier;
+  AttentionTeamState attention;
 #ifdef LMARITH_OPENMP
 #pragma omp parallel
 #endif
   {
 #ifdef LMARITH_OPENMP
-    const Team team{omp_get_thread_num(), omp_get_num_threads(), &barrier};
+    const Team team{omp_get_thread_num(), omp_get_num_threads(), &barrier, &attention};
 #else
-    const Team team{0, 1, &barrier};
+    const Team team{0, 1, &barrier, &attention};
 #endif
     barrier.join(team.size);
     for (size_t index = 0; index < layers.size(); ++index)

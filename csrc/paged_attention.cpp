@@ -21,6 +21,7 @@
 #endif
 #include "attention_layout.h"
 #include "attention_simd.h"
+#include "attention_team.h"
 #include "kernels.h"
 
 namespace lmarith {
@@ -263,6 +264,33 @@ void paged_attention_typed(const PagedAttentionArgs& a) {
   }
 }
 
+template <typename Cache>
+void team_typed(const PagedAttentionArgs& a, int id, int size, SpinBarrier& barrier,
+                AttentionTeamState& state) {
+  if (id == 0) {
+    state.layout = plan_layout(a, state.blocks, size);
+    const int64_t outputs = a.num_tokens * a.num_heads;
+    state.partials.resize(state.layout.splits > 1 ? state.layout.splits * outputs * (a.head_dim + 2) : 0);
+  }
+  barrier.wait();
+  const Layout& layout = state.layout;
+  const int64_t splits = layout.splits, per_block = layout.head_chunks * splits;
+  const int64_t items = static_cast<int64_t>(state.blocks.size()) * per_block;
+  Scratch scratch(layout.rows_per_block * (a.num_heads / a.kv_heads) * layout.heads_per_item,
+                  a.head_dim);
+  for (int64_t item = id; item < items; item += size) {
+    const RowBlock& block = state.blocks[item / per_block];
+    const HeadRange heads = layout.heads(item / splits % layout.head_chunks, a.kv_heads);
+    run_item<Cache>(a, block, heads, item % splits, splits, scratch);
+    finish_item(a, block, heads, item % splits, splits, scratch, state.partials.data());
+  }
+  if (splits == 1) return;
+  barrier.wait();
+  const int64_t outputs = a.num_tokens * a.num_heads;
+  for (int64_t index = id; index < outputs; index += size)
+    merge_row(a, index, splits, state.partials.data(), scratch.acc.data());
+}
+
 }  // namespace
 
 void paged_attention(const PagedAttentionArgs& args) {
@@ -271,6 +299,15 @@ void paged_attention(const PagedAttentionArgs& args) {
     paged_attention_typed<uint16_t>(args);
   else
     paged_attention_typed<float>(args);
+}
+
+void paged_attention_team(const PagedAttentionArgs& args, int id, int size, SpinBarrier& barrier,
+                          AttentionTeamState& state) {
+  if (args.num_tokens == 0) return;
+  if (args.cache_dtype == AttnDtype::kBFloat16)
+    team_typed<uint16_t>(args, id, size, barrier, state);
+  else
+    team_typed<float>(args, id, size, barrier, state);
 }
 
 }  // namespace lmarith

@@ -99,6 +99,25 @@ def test_serial_and_team_steps_match_the_loop(tmp_path, monkeypatch, threads):
         torch.set_num_threads(saved)
 
 
+def test_team_attention_splits_long_contexts_like_the_loop(tmp_path, monkeypatch):
+    """Past 512 tokens of context a decode step's attention is cut into context splits whose
+    partial softmaxes are merged; in a team step the threads share the splits and the merge
+    (csrc/attention_team.h). A 600-token prefill, then decode steps, with 2 threads."""
+    import models.test_models as schedules
+    monkeypatch.setattr(schedules, "SCHEDULE", [(600, 3, 2), (1, 1, 1), (1, 1, 1), (2, 1, 1)])
+    monkeypatch.setattr(schedules.PagedRunner.__init__, "__defaults__", (180, 0))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for dtype, swap in ((torch.float32, use_f32_linears), (torch.bfloat16, use_bf16_linears)):
+            hf_model("llama_tied_gqa3", max_position_embeddings=1024).save_pretrained(tmp_path / str(dtype))
+            model = load_model(str(tmp_path / str(dtype)), dtype=dtype)
+            assert swap(model) > 0
+            assert_equal_logits(model)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_models_it_cannot_run_keep_the_loop(tmp_path, monkeypatch):
     """Unpacked float weights, q/k norms (Qwen3), and LMARITH_NATIVE_STACK=0 are not eligible."""
     hf_model("llama").save_pretrained(tmp_path / "llama")
