@@ -28,18 +28,11 @@ from lmarith.models import native_stack
 from lmarith.models.packed_linear import PackedLinear, packing_available
 from lmarith.worker import model_runner
 
+from bench_bf16 import seconds_per_call   # a sibling script: benchmarks/ is on sys.path
+
 LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]   # (N, K): qkv, o, gate_up, down
 HEAD = (49152, 576)
 TEAM_ENV = "LMARITH_STACK_TEAM"   # csrc/decoder_stack.cpp: "0" runs decode steps layer by layer
-
-
-def seconds_per_call(call: Callable[[], object], calls: int) -> float:
-    """Mean seconds of one call over `calls` back-to-back calls (after one warm-up)."""
-    call()
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    return (time.perf_counter() - start) / calls
 
 
 def step_calls(rows: int, layers: int = 30) -> dict[str, Callable[[], object]]:

@@ -11,6 +11,7 @@
 // serves all of a small batch from registers. OpenMP splits the row blocks in chunks of 4
 // (64 rows: a chunk stays in L2 while the larger batches' tiles pass over it).
 #include "bf16_matmul.h"
+#include "cpu_features.h"
 
 #include <algorithm>
 #include <cstring>
@@ -156,19 +157,6 @@ LMARITH_AVX512BF16 void bf16_block(const uint16_t* block, int64_t pairs, const T
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
-bool cpu_has_avx512bf16() {
-  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-#else
-bool cpu_has_avx2() { return false; }
-bool cpu_has_avx512bf16() { return false; }
 #endif
 
 struct Kernel {
@@ -178,7 +166,7 @@ struct Kernel {
 
 Kernel pick_kernel(Bf16Isa isa) {
   if (isa == Bf16Isa::kAuto)
-    isa = cpu_has_avx512bf16() ? Bf16Isa::kAvx512Bf16 : cpu_has_avx2() ? Bf16Isa::kAvx2 : Bf16Isa::kScalar;
+    isa = cpu::has_avx512bf16() ? Bf16Isa::kAvx512Bf16 : cpu::has_avx2_fma() ? Bf16Isa::kAvx2 : Bf16Isa::kScalar;
 #ifdef LMARITH_BF16_X86
   if (isa == Bf16Isa::kAvx512Bf16) return {bf16_block, kMaxTile};
   if (isa == Bf16Isa::kAvx2) return {avx2_block, 4};
@@ -224,8 +212,8 @@ void store_tile(const float* acc, int rows, int64_t row0, int64_t col0, int64_t 
 }  // namespace
 
 bool bf16_isa_supported(Bf16Isa isa) {
-  if (isa == Bf16Isa::kAvx512Bf16) return cpu_has_avx512bf16();
-  if (isa == Bf16Isa::kAvx2) return cpu_has_avx2();
+  if (isa == Bf16Isa::kAvx512Bf16) return cpu::has_avx512bf16();
+  if (isa == Bf16Isa::kAvx2) return cpu::has_avx2_fma();
   return true;
 }
 

@@ -129,19 +129,26 @@ void attend(const StackShape& s, const StackLayer& layer, int64_t index, const S
   paged_attention(attention_args(s, layer, index, step, b));
 }
 
+// The block's input norm: the first block starts the residual from its input, the others add
+// their input to it first.
+void input_norm(const StackShape& s, const StackLayer& layer, int64_t index, int64_t tokens,
+                Buffers& b) {
+  if (index == 0) {
+    std::memcpy(b.residual.data(), b.hidden.data(), tokens * s.hidden * b.hidden.element);
+    rms_norm(b.hidden.data(), nullptr, layer.input_norm, tokens, s.hidden, s.eps, s.dtype,
+             b.normed.data(), nullptr);
+  } else {
+    rms_norm(b.hidden.data(), b.residual.data(), layer.input_norm, tokens, s.hidden, s.eps,
+             s.dtype, b.normed.data(), b.residual.data());
+  }
+}
+
 // One pre-norm block; b.hidden is its input (the previous block's output) and, after it,
 // its output; b.residual carries the running sum.
 void run_layer(const StackShape& s, const StackLayer& layer, int64_t index, const StackStep& step,
                Buffers& b) {
   const int64_t tokens = step.tokens, hidden = s.hidden;
-  if (index == 0) {
-    std::memcpy(b.residual.data(), b.hidden.data(), tokens * hidden * b.hidden.element);
-    rms_norm(b.hidden.data(), nullptr, layer.input_norm, tokens, hidden, s.eps, s.dtype,
-             b.normed.data(), nullptr);
-  } else {
-    rms_norm(b.hidden.data(), b.residual.data(), layer.input_norm, tokens, hidden, s.eps, s.dtype,
-             b.normed.data(), b.residual.data());
-  }
+  input_norm(s, layer, index, tokens, b);
   linear(layer.qkv, b.normed.data(), s.dtype, tokens, s.isa, b.qkv.data(), b.part.data());
   attend(s, layer, index, step, b);
   linear(layer.o_proj, b.attn.data(), s.dtype, tokens, s.isa, b.hidden.data(), b.part.data());
@@ -181,7 +188,8 @@ struct Team {
 void team_linear(const StackLinear& w, const void* x, LogitsDtype dtype, int64_t tokens, void* y,
                  const Team& team) {
   const StackPart& p = w.parts.front();
-  const int64_t blocks = (p.rows + 15) / 16;
+  static_assert(kF32Block == kBf16Block, "both panel formats split by the same blocks");
+  const int64_t blocks = (p.rows + kF32Block - 1) / kF32Block;
   const int64_t first = blocks * team.id / team.size, last = blocks * (team.id + 1) / team.size;
   if (p.bf16 != nullptr)
     bf16_matmul_blocks(x, dtype, tokens, w.in_features, p.bf16, p.rows, w.bias, y, dtype,
@@ -198,14 +206,7 @@ void team_linear(const StackLinear& w, const void* x, LogitsDtype dtype, int64_t
 void run_layer_team(const StackShape& s, const StackLayer& layer, int64_t index,
                     const StackStep& step, Buffers& b, const Team& team) {
   const int64_t tokens = step.tokens, hidden = s.hidden;
-  if (team.lead() && index == 0) {
-    std::memcpy(b.residual.data(), b.hidden.data(), tokens * hidden * b.hidden.element);
-    rms_norm(b.hidden.data(), nullptr, layer.input_norm, tokens, hidden, s.eps, s.dtype,
-             b.normed.data(), nullptr);
-  } else if (team.lead()) {
-    rms_norm(b.hidden.data(), b.residual.data(), layer.input_norm, tokens, hidden, s.eps, s.dtype,
-             b.normed.data(), b.residual.data());
-  }
+  if (team.lead()) input_norm(s, layer, index, tokens, b);
   team.sync();
   team_linear(layer.qkv, b.normed.data(), s.dtype, tokens, b.qkv.data(), team);
   if (team.lead()) rotate_and_store(s, index, step, b);
@@ -243,7 +244,7 @@ bool team_step(const std::vector<StackLayer>& layers, int64_t tokens) {
     for (const StackLinear* w : {&layer.qkv, &layer.o_proj, &layer.gate_up, &layer.down})
       if (w->parts.size() != 1 || (w->parts[0].f32 == nullptr && w->parts[0].bf16 == nullptr))
         return false;
-  return enabled;
+  return true;
 }
 
 void run_team(const StackShape& shape, const std::vector<StackLayer>& layers, const StackStep& step,

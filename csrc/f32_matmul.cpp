@@ -10,6 +10,7 @@
 // OpenMP splits the row blocks in chunks of 4 (64 rows, whose panel stays in L2 while the
 // larger batches' tiles pass over it).
 #include "f32_matmul.h"
+#include "cpu_features.h"
 
 #include <algorithm>
 #include <cstring>
@@ -122,18 +123,6 @@ LMARITH_AVX512 void avx512_block(const float* block, int64_t k, const Tile& tile
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
-bool cpu_has_avx512() {
-  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f");
-  return has;
-}
-#else
-bool cpu_has_avx2() { return false; }
-bool cpu_has_avx512() { return false; }
 #endif
 
 struct Kernel {
@@ -143,7 +132,7 @@ struct Kernel {
 
 Kernel pick_kernel(F32Isa isa) {
   if (isa == F32Isa::kAuto)
-    isa = cpu_has_avx512() ? F32Isa::kAvx512 : cpu_has_avx2() ? F32Isa::kAvx2 : F32Isa::kScalar;
+    isa = cpu::has_avx512f() ? F32Isa::kAvx512 : cpu::has_avx2_fma() ? F32Isa::kAvx2 : F32Isa::kScalar;
 #ifdef LMARITH_F32_X86
   if (isa == F32Isa::kAvx512) return {avx512_block, kMaxTile};
   if (isa == F32Isa::kAvx2) return {avx2_block, 4};
@@ -169,8 +158,8 @@ void store_tile(const float* acc, int rows, int64_t row0, int64_t col0, int64_t 
 }  // namespace
 
 bool f32_isa_supported(F32Isa isa) {
-  if (isa == F32Isa::kAvx512) return cpu_has_avx512();
-  if (isa == F32Isa::kAvx2) return cpu_has_avx2();
+  if (isa == F32Isa::kAvx512) return cpu::has_avx512f();
+  if (isa == F32Isa::kAvx2) return cpu::has_avx2_fma();
   return true;
 }
 

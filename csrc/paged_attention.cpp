@@ -230,6 +230,24 @@ void merge_row(const PagedAttentionArgs& a, int64_t index, int64_t splits,
   write_row(a, index, acc, sum);
 }
 
+// A plan's item `item`: which row block, kv heads and context split it is, run and written
+// (to the output, or to the partials when the context is split).
+template <typename Cache>
+void run_planned_item(const PagedAttentionArgs& a, const std::vector<RowBlock>& blocks,
+                      const Layout& layout, int64_t item, Scratch& s, float* partials) {
+  const int64_t splits = layout.splits;
+  const RowBlock& block = blocks[item / (layout.head_chunks * splits)];
+  const HeadRange heads = layout.heads(item / splits % layout.head_chunks, a.kv_heads);
+  run_item<Cache>(a, block, heads, item % splits, splits, s);
+  finish_item(a, block, heads, item % splits, splits, s, partials);
+}
+
+// Scratch sized for one item of the plan.
+Scratch item_scratch(const PagedAttentionArgs& a, const Layout& layout) {
+  return Scratch(layout.rows_per_block * (a.num_heads / a.kv_heads) * layout.heads_per_item,
+                 a.head_dim);
+}
+
 template <typename Cache>
 void paged_attention_typed(const PagedAttentionArgs& a) {
   std::vector<RowBlock> blocks;
@@ -243,17 +261,12 @@ void paged_attention_typed(const PagedAttentionArgs& a) {
 #pragma omp parallel if (parallel)
 #endif
   {
-    Scratch scratch(layout.rows_per_block * (a.num_heads / a.kv_heads) * layout.heads_per_item,
-                    a.head_dim);
+    Scratch scratch = item_scratch(a, layout);
 #ifdef LMARITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t item = 0; item < items; ++item) {
-      const RowBlock& block = blocks[item / per_block];
-      const HeadRange heads = layout.heads(item / splits % layout.head_chunks, a.kv_heads);
-      run_item<Cache>(a, block, heads, item % splits, splits, scratch);
-      finish_item(a, block, heads, item % splits, splits, scratch, partials.data());
-    }
+    for (int64_t item = 0; item < items; ++item)
+      run_planned_item<Cache>(a, blocks, layout, item, scratch, partials.data());
     if (splits > 1) {
 #ifdef LMARITH_OPENMP
 #pragma omp for schedule(dynamic, 16)
@@ -276,14 +289,9 @@ void team_typed(const PagedAttentionArgs& a, int id, int size, SpinBarrier& barr
   const Layout& layout = state.layout;
   const int64_t splits = layout.splits, per_block = layout.head_chunks * splits;
   const int64_t items = static_cast<int64_t>(state.blocks.size()) * per_block;
-  Scratch scratch(layout.rows_per_block * (a.num_heads / a.kv_heads) * layout.heads_per_item,
-                  a.head_dim);
-  for (int64_t item = id; item < items; item += size) {
-    const RowBlock& block = state.blocks[item / per_block];
-    const HeadRange heads = layout.heads(item / splits % layout.head_chunks, a.kv_heads);
-    run_item<Cache>(a, block, heads, item % splits, splits, scratch);
-    finish_item(a, block, heads, item % splits, splits, scratch, state.partials.data());
-  }
+  Scratch scratch = item_scratch(a, layout);
+  for (int64_t item = id; item < items; item += size)
+    run_planned_item<Cache>(a, state.blocks, layout, item, scratch, state.partials.data());
   if (splits == 1) return;
   barrier.wait();
   const int64_t outputs = a.num_tokens * a.num_heads;

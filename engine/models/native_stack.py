@@ -21,8 +21,9 @@ from lmarith.models.quantization import QuantLinear
 ENV = "LMARITH_NATIVE_STACK"
 _CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-# Packed float linears: (their panels' dtype, qtype code in bindings/stack_module.cpp).
-_PANELS = {F32Linear: (torch.float32, -1), BF16Linear: (torch.int16, -2)}
+# Packed float linears: (their panels' dtype, qtype code in bindings/stack_module.cpp, the
+# model dtype whose stack runs them).
+_PANELS = {F32Linear: (torch.float32, -1, torch.float32), BF16Linear: (torch.int16, -2, torch.bfloat16)}
 _MODEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}   # activation dtype codes (csrc LogitsDtype)
 
 
@@ -41,11 +42,11 @@ def _panel_spec(linear: F32Linear | BF16Linear, keep: list) -> tuple:
 def _runs(linear: torch.nn.Module, dtype: torch.dtype) -> bool:
     """Whether the stack has a kernel for this projection of a `dtype` model: BF16Linear
     in bfloat16 models, F32Linear or quantized blocks in float32 ones."""
-    if dtype == torch.bfloat16:
-        return isinstance(linear, BF16Linear) and linear.packed.dtype == torch.int16
-    if isinstance(linear, F32Linear):
-        return linear.packed.dtype == torch.float32
-    return isinstance(linear, QuantLinear) and all(q in cpp_quant.QTYPE_CODES for q in linear.qtypes)
+    if type(linear) in _PANELS:
+        panels, _, model_dtype = _PANELS[type(linear)]
+        return linear.packed.dtype == panels and dtype == model_dtype
+    return (dtype == torch.float32 and isinstance(linear, QuantLinear)
+            and all(q in cpp_quant.QTYPE_CODES for q in linear.qtypes))
 
 
 def _linear_spec(linear: QuantLinear | F32Linear | BF16Linear, keep: list) -> tuple:

@@ -80,6 +80,21 @@ def test_bfloat16_packed_linears_match_the_loop(tmp_path, family):
     assert_equal_logits(model)
 
 
+def assert_packed_float_stacks_match(tmp_path, threads: int, **sizes) -> None:
+    """With `threads` threads, a float32 model with F32Linear and a bfloat16 one with
+    BF16Linear (GQA 3:1, sizes overridden) give the loop's logits through the stack."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype, swap in ((torch.float32, use_f32_linears), (torch.bfloat16, use_bf16_linears)):
+            hf_model("llama_tied_gqa3", **sizes).save_pretrained(tmp_path / str(dtype))
+            model = load_model(str(tmp_path / str(dtype)), dtype=dtype)
+            assert swap(model) > 0
+            assert_equal_logits(model)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_serial_and_team_steps_match_the_loop(tmp_path, monkeypatch, threads):
     """Steps of up to 16 rows run as one thread team when there are 2+ threads (every step of
@@ -87,16 +102,7 @@ def test_serial_and_team_steps_match_the_loop(tmp_path, monkeypatch, threads):
     schedule with a 20- and a 17-token prefill then decode steps covers both."""
     import models.test_models as schedules
     monkeypatch.setattr(schedules, "SCHEDULE", [(20, 17, 3), (1, 1, 1), (2, 1, 1), (1, 1, 1)])
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for dtype, swap in ((torch.float32, use_f32_linears), (torch.bfloat16, use_bf16_linears)):
-            hf_model("llama_tied_gqa3").save_pretrained(tmp_path / str(dtype))
-            model = load_model(str(tmp_path / str(dtype)), dtype=dtype)
-            assert swap(model) > 0
-            assert_equal_logits(model)
-    finally:
-        torch.set_num_threads(saved)
+    assert_packed_float_stacks_match(tmp_path, threads)
 
 
 def test_team_attention_splits_long_contexts_like_the_loop(tmp_path, monkeypatch):
@@ -106,16 +112,7 @@ def test_team_attention_splits_long_contexts_like_the_loop(tmp_path, monkeypatch
     import models.test_models as schedules
     monkeypatch.setattr(schedules, "SCHEDULE", [(600, 3, 2), (1, 1, 1), (1, 1, 1), (2, 1, 1)])
     monkeypatch.setattr(schedules.PagedRunner.__init__, "__defaults__", (180, 0))
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for dtype, swap in ((torch.float32, use_f32_linears), (torch.bfloat16, use_bf16_linears)):
-            hf_model("llama_tied_gqa3", max_position_embeddings=1024).save_pretrained(tmp_path / str(dtype))
-            model = load_model(str(tmp_path / str(dtype)), dtype=dtype)
-            assert swap(model) > 0
-            assert_equal_logits(model)
-    finally:
-        torch.set_num_threads(saved)
+    assert_packed_float_stacks_match(tmp_path, 2, max_position_embeddings=1024)
 
 
 def test_models_it_cannot_run_keep_the_loop(tmp_path, monkeypatch):
