@@ -44,13 +44,36 @@ def lmarith_seconds(llm: la.LLM, model: la.Model, batch: int, tokens: int,
     return max(o.metrics.decode_time for o in outputs) / tokens
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU reports Intel AMX tiles (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return "amx_int8" in info.read(1 << 16)
+    except OSError:
+        return False
+
+
 def llama_cpp_runner(threads: int, context: int = 512):
-    """A llama.cpp model on the embedded GGUF, or None when llama-cpp-python is missing."""
+    """A llama.cpp model on the embedded GGUF, or None when llama-cpp-python is missing. On
+    CPUs with AMX its extra (AMX / repack) weight buffers are turned off: llama-cpp-python
+    0.3.36 built on such a host crashes (SIGSEGV) in its first decode with them (2026-12-02)."""
     try:
         from llama_cpp import Llama
+        from llama_cpp import llama_cpp as bindings   # what Llama() reads its defaults from
     except ImportError:
         return None
-    return Llama(model_path=str(find_embedded_gguf()), n_threads=threads, n_ctx=context, verbose=False)
+    defaults = bindings.llama_model_default_params
+    if cpu_has_amx() and hasattr(defaults(), "use_extra_bufts"):
+        def without_extra_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+        bindings.llama_model_default_params = without_extra_buffers
+    try:
+        return Llama(model_path=str(find_embedded_gguf()), n_threads=threads, n_ctx=context,
+                     verbose=False)
+    finally:
+        bindings.llama_model_default_params = defaults
 
 
 def llama_cpp_seconds(runner, tokens: int, prompt: str = PROMPT) -> float:
