@@ -1,6 +1,7 @@
-// SIMD pieces of csrc/paged_attention.cpp: bfloat16 <-> float, q.k scores of a tile of
-// keys and the weighted V accumulation, with AVX512 paths (head_dim a multiple of 16, when
-// compiled with -march=native on such a CPU) and plain loops the compiler vectorises.
+// SIMD pieces of csrc/paged_attention.cpp's per-lane path (one query vector at a time:
+// head_dim not a multiple of 16, builds without AVX512, or LMARITH_ATTENTION_GROUPS=0):
+// bfloat16 <-> float, q.k scores of a tile of keys and the weighted V accumulation, with
+// AVX512 paths and plain loops the compiler vectorises.
 #pragma once
 
 #include <cstdint>

@@ -7,8 +7,9 @@
 // forms "lanes" (one query vector each) that share every K/V row read; decode items take all
 // kv heads, so a slot's heads are read together. Each item runs one pass of
 // online softmax (running max m, sum l, accumulator acc[D]) over its context range, tile by
-// tile: a tile's K/V rows are located (and, for bfloat16, widened to float) once and scored
-// against every lane. A lane's visible keys form one interval (causal end, sliding-window
+// tile (csrc/attention_tile.h): a tile's K/V rows are located once and scored against every
+// lane; the lanes of one query row (its GQA group) share each row's load and widening
+// (attention_group.h). A lane's visible keys form one interval (causal end, sliding-window
 // start), so no position outside it, in particular no slot past the context, is ever read.
 // When there are too few items to keep the threads busy (decode at batch 1), the context is
 // split and the partial (m, l, acc) of each split are merged afterwards (flash-decoding).
@@ -20,117 +21,31 @@
 #include <omp.h>
 #endif
 #include "attention_layout.h"
-#include "attention_simd.h"
 #include "attention_team.h"
+#include "attention_tile.h"
 #include "kernels.h"
 
 namespace lmarith {
 namespace {
 
-using attention::accumulate_values;
 using attention::HeadRange;
 using attention::Layout;
 using attention::RowBlock;
+using attention::Scratch;
+using attention::float_to_bf16;
+using attention::grouped;
+using attention::kGroupLanes;
+using attention::kTile;
+using attention::load;
+using attention::load_tile;
 using attention::plan_layout;
 using attention::split_range;
 using attention::step_work;
-using attention::bf16_to_float;
-using attention::float_to_bf16;
-using attention::load;
-using attention::score_keys;
+using attention::update_group;
+using attention::update_lane;
 using detail::fast_exp;
 
-constexpr int64_t kTile = 32;        // context positions located and scored together
-constexpr int64_t kParallelWork = 1 << 19;
-
-// Per-thread state of one item: lanes' scaled queries, positions and online-softmax state,
-// plus one tile's K/V rows (pointers into the cache, or widened copies for bfloat16).
-struct Scratch {
-  std::vector<float> query, acc, max, sum, key_rows, value_rows, scores;
-  std::vector<int64_t> position;
-  const float* keys[kTile];
-  const float* values[kTile];
-  Scratch(int64_t lanes, int64_t dim)
-      : query(lanes * dim), acc(lanes * dim), max(lanes), sum(lanes), key_rows(kTile * dim),
-        value_rows(kTile * dim), scores(kTile + 16), position(lanes) {}
-};
-
-// Walks one kv head's K and V rows position by position through the block table, without a
-// division per row (page and slot advance incrementally).
-template <typename Cache>
-struct RowWalker {
-  const PagedAttentionArgs& a;
-  const int64_t* table;
-  int64_t head, page, slot;
-
-  RowWalker(const PagedAttentionArgs& args, int64_t seq, int64_t kv_head, int64_t t)
-      : a(args), table(args.block_tables + seq * args.table_width), head(kv_head),
-        page(t / args.page_size), slot(t % args.page_size) {}
-  const Cache* row(const PagedCacheView& view) const {
-    return static_cast<const Cache*>(view.data) + table[page] * view.page_stride +
-           slot * view.slot_stride + head * view.head_stride;
-  }
-  void next() {
-    if (++slot == a.page_size) slot = 0, ++page;
-  }
-};
-
-// Ask for positions [t, t + count)'s K and V rows early: pages are scattered, so the
-// hardware prefetcher loses the stream at every page boundary.
-template <typename Cache>
-void prefetch_rows(const PagedAttentionArgs& a, int64_t seq, int64_t kv_head, int64_t t,
-                   int64_t count) {
-  const int64_t bytes = a.head_dim * static_cast<int64_t>(sizeof(Cache));
-  for (RowWalker<Cache> walk(a, seq, kv_head, t); count > 0; --count, walk.next()) {
-    const char* k = reinterpret_cast<const char*>(walk.row(a.key));
-    const char* v = reinterpret_cast<const char*>(walk.row(a.value));
-    for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(k + byte, 0, 2), __builtin_prefetch(v + byte, 0, 2);
-  }
-}
-
-// Locate (float32) or widen (bfloat16) the K and V rows of positions [t0, t0 + count), and
-// prefetch those of the next tile (below end).
-template <typename Cache>
-void load_tile(const PagedAttentionArgs& a, int64_t seq, int64_t kv_head, int64_t t0,
-               int64_t count, int64_t end, Scratch& s) {
-  prefetch_rows<Cache>(a, seq, kv_head, t0 + kTile, std::min(kTile, end - t0 - kTile));
-  RowWalker<Cache> walk(a, seq, kv_head, t0);
-  for (int64_t t = 0; t < count; ++t, walk.next()) {
-    const Cache* k = walk.row(a.key);
-    const Cache* v = walk.row(a.value);
-    if constexpr (std::is_same_v<Cache, float>) {
-      s.keys[t] = k, s.values[t] = v;
-    } else {
-      float* kw = s.key_rows.data() + t * a.head_dim;
-      float* vw = s.value_rows.data() + t * a.head_dim;
-#pragma omp simd
-      for (int64_t d = 0; d < a.head_dim; ++d) kw[d] = bf16_to_float(k[d]), vw[d] = bf16_to_float(v[d]);
-      s.keys[t] = kw, s.values[t] = vw;
-    }
-  }
-}
-
-// Fold tile positions [lo, hi) (absolute; inside the lane's visible interval) into one lane:
-// score them, raise the running max, rescale the old state by exp(old max - new max).
-void update_lane(const PagedAttentionArgs& a, int64_t lane, int64_t t0, int64_t lo, int64_t hi,
-                 Scratch& s) {
-  const int64_t dim = a.head_dim, count = hi - lo;
-  float* scores = s.scores.data();
-  score_keys(s.query.data() + lane * dim, s.keys + (lo - t0), count, dim, scores);
-  float tile_max = -detail::kInf;
-#pragma omp simd reduction(max : tile_max)
-  for (int64_t t = 0; t < count; ++t) tile_max = std::max(tile_max, scores[t]);
-  const float new_max = std::max(s.max[lane], tile_max);
-  const float alpha = fast_exp(s.max[lane] - new_max);  // 0 while the lane saw nothing
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < count; ++t) {
-    scores[t] = fast_exp(scores[t] - new_max);
-    sum += scores[t];
-  }
-  accumulate_values(s.acc.data() + lane * dim, alpha, scores, s.values + (lo - t0), count, dim);
-  s.max[lane] = new_max, s.sum[lane] = s.sum[lane] * alpha + sum;
-}
+constexpr int64_t kParallelWork = 1 << 19;  // below it, one thread runs the call
 
 // Calls fn(lane, row, head) for the item's lanes: by kv head, then row, then group member,
 // so the lanes of one kv head are consecutive.
@@ -171,11 +86,20 @@ void run_item(const PagedAttentionArgs& a, const RowBlock& block, HeadRange head
     for (int64_t kv_head = heads.begin; kv_head < heads.end; ++kv_head) {
       load_tile<Cache>(a, block.seq, kv_head, t0, count, end, s);
       const int64_t first_lane = (kv_head - heads.begin) * head_lanes;
-      for (int64_t lane = first_lane; lane < first_lane + head_lanes; ++lane) {
+      const int64_t last_lane = first_lane + head_lanes;
+      for (int64_t lane = first_lane, lanes; lane < last_lane; lane += lanes) {
         const int64_t pos = s.position[lane];
         const int64_t lo = a.sliding_window > 0 ? std::max(t0, pos - a.sliding_window + 1) : t0;
         const int64_t hi = std::min(t0 + count, pos + 1);
-        if (lo < hi) update_lane(a, lane, t0, lo, hi, s);
+        lanes = 1;
+        if (!grouped(a)) {
+          if (lo < hi) update_lane(a, lane, t0, lo, hi, s);
+          continue;
+        }
+        while (lanes < attention::kGroupLanes && lane + lanes < last_lane &&
+               s.position[lane + lanes] == pos)
+          ++lanes;  // a row's lanes (one per group member) see the same keys
+        if (lo < hi) update_group<Cache>(a, lane, lanes, t0, lo, hi, s);
       }
     }
   }

@@ -4,6 +4,9 @@ conftest's paged_batch, so a read outside a sequence's causal range poisons the 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -206,6 +209,7 @@ ODD_SHAPES = {
     "d64-page4-split-window": (64, 4, 2, [1, 3], [1500, 700], 300),
     "d256-page16-verify": (256, 16, 2, [17, 1], [60, 19], None),
     "d64-page16-long-chunk": (64, 16, 2, [80, 1], [200, 90], 50),
+    "d32-page8-gqa8-decode": (32, 8, 8, [1, 1, 3], [300, 45, 70], None),
 }
 
 
@@ -278,3 +282,16 @@ def test_paged_attention_empty_batch(face, device) -> None:
     out = ops.run(OP, face, query[:0].to(device), key_cache.to(device), value_cache.to(device),
                   meta, 1.0)
     assert out.shape == (0, 4, 8) and out.dtype == torch.float32
+
+
+@pytest.mark.faces("cpp")
+def test_per_lane_path_matches_reference(face) -> None:
+    """LMARITH_ATTENTION_GROUPS=0 sends every shape through the one-lane-at-a-time path
+    (csrc/attention_simd.h) instead of the grouped tiles: the odd shapes still pass. The knob
+    is read once per process, so the check runs in a child pytest."""
+    env = {**os.environ, "LMARITH_ATTENTION_GROUPS": "0"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"{__file__}::test_paged_attention_odd_shapes", "-k", "cpp"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
