@@ -1,11 +1,12 @@
-"""Quantized matmul on CPU: lmarith's C++ quant_matmul (q8_0, q4_1) against torch's dense
-float32 and bfloat16 linear (oneDNN), on SmolLM2-135M-shaped weights.
+"""Quantized matmul on CPU: lmarith's C++ quant_matmul (q8_0, q4_1, q4_k, q6_k) against
+torch's dense float32 and bfloat16 linear (oneDNN), on SmolLM2-135M-shaped weights.
 
 For each weight [N, K] (q/k/v/o 576x576, MLP up/gate 1536x576, down 576x1536, LM head
-49152x576) and M = 1 (decode) and 16 (a batch or a verify step), each repeat runs every
+49152x576, and a Llama-3.2-1B MLP up 8192x2048) and M = 1 (decode) and 16 (a batch or a verify step), each repeat runs every
 implementation once in alternating order; the table shows medians (ms per matmul), the
 effective bandwidth over the weight's bytes (GB/s, what bounds M = 1) and the time ratio
-to float32. Run:
+to float32. The K-quants (K a multiple of 256 only) run on the best SIMD path and, as its
+baseline, on the scalar one (LMARITH_QUANT_ISA=scalar). Run:
     OMP_WAIT_POLICY=passive python benchmarks/bench_quant.py [--repeats N] [--threads N]
 (passive: torch and lmarith._C share one libgomp whose spinning workers otherwise fight
 other processes for the cores.)
@@ -13,6 +14,7 @@ other processes for the cores.)
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -26,7 +28,9 @@ from lmarith.bindings import cpp_quant, ops
 from lmarith.kernels.quant_formats import QuantWeight
 
 SHAPES = {"attn 576x576": (576, 576), "mlp up 1536x576": (1536, 576),
-          "mlp down 576x1536": (576, 1536), "lm head 49152x576": (49152, 576)}
+          "mlp down 576x1536": (576, 1536), "lm head 49152x576": (49152, 576),
+          "1B mlp up 8192x2048": (8192, 2048)}
+KQUANTS = {"q4_k": (144, (0, 2)), "q6_k": (210, (208,))}   # block bytes, fp16 scale offsets
 BATCHES = (1, 16)
 TARGET_SECONDS = 0.004   # each timed sample repeats the call to last about this long
 
@@ -37,12 +41,43 @@ def implementations(w: torch.Tensor) -> dict[str, tuple[Callable, int]]:
     w_bf16 = w.to(torch.bfloat16)
     q8 = ops.quantize_q8_0(w)
     q41 = QuantWeight("q4_1", torch.from_numpy(quantize(w.numpy(), GGMLQuantizationType.Q4_1)), n, k)
-    return {
+    impls = {
         "fp32 linear": (lambda x: F.linear(x, w), w.numel() * 4),
         "bf16 linear": (lambda x: F.linear(x.to(torch.bfloat16), w_bf16), w.numel() * 2),
-        "q8_0 cpp": (lambda x: cpp_quant.quant_matmul(x, q8), q8.nbytes),
-        "q4_1 cpp": (lambda x: cpp_quant.quant_matmul(x, q41), q41.nbytes),
+        "q8_0 cpp": (cpp_quant.prepared(q8), q8.nbytes),
+        "q4_1 cpp": (cpp_quant.prepared(q41), q41.nbytes),
     }
+    if k % 256 == 0:
+        for qtype in KQUANTS:
+            weight = random_kquant(qtype, n, k)
+            impls[f"{qtype} cpp"] = (cpp_quant.prepared(weight), weight.nbytes)
+            impls[f"{qtype} scalar"] = (prepared_on("scalar", weight), weight.nbytes)
+    return impls
+
+
+def random_kquant(qtype: str, n: int, k: int) -> QuantWeight:
+    """Random K-quant blocks with small finite fp16 scales (gguf's Python cannot quantize
+    K-quants; the kernels' time does not depend on the values)."""
+    block_bytes, scale_offsets = KQUANTS[qtype]
+    gen = torch.Generator().manual_seed(n + k)
+    blocks = torch.randint(0, 256, (n, k // 256, block_bytes), dtype=torch.uint8, generator=gen)
+    for offset in scale_offsets:
+        scales = (torch.rand(n, k // 256, 1, generator=gen) * 0.02).half()
+        blocks[..., offset:offset + 2] = scales.view(torch.uint8).reshape(n, k // 256, 2)
+    return QuantWeight(qtype, blocks.reshape(n, -1), n, k)
+
+
+def prepared_on(isa: str, weight: QuantWeight) -> Callable:
+    """cpp_quant.prepared(weight) with the instruction path forced to `isa`."""
+    previous = os.environ.get(cpp_quant.ISA_ENV)
+    os.environ[cpp_quant.ISA_ENV] = isa
+    try:
+        return cpp_quant.prepared(weight)
+    finally:
+        if previous is None:
+            del os.environ[cpp_quant.ISA_ENV]
+        else:
+            os.environ[cpp_quant.ISA_ENV] = previous
 
 
 def time_call(fn: Callable, x: torch.Tensor, inner: int) -> float:

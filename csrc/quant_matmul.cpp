@@ -11,9 +11,9 @@
 // The SIMD kernels take the activation rows kTile (8) at a time, unpacking each weight block
 // (nibbles, fp16 scales) once per tile and keeping one fp32 accumulator per row in registers;
 // the scalar ones go row by row.
-// This file holds the driver and the portable scalar kernels (also the only kernels of
-// q4_k / q6_k for now); csrc/quant_matmul_x86.cpp the AVX2 ones, csrc/quant_matmul_vnni.cpp
-// the AVX512-VNNI ones.
+// This file holds the driver and the portable scalar kernels; csrc/quant_matmul_x86.cpp and
+// csrc/quant_matmul_kquants.cpp the AVX2 ones (the VNNI path runs the K-quants' AVX2 kernels),
+// csrc/quant_matmul_vnni.cpp the AVX512-VNNI ones.
 #include "quant_matmul.h"
 
 #include <algorithm>
@@ -116,9 +116,14 @@ float dot_q6_k(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
       for (int part = 0; part < 4; ++part) {    // weights 128 * half + 32 * part + l
         const int base = 128 * half + 32 * part;
         const uint8_t* low = ql + (part & 1) * 32;
-        for (int l = 0; l < 32; ++l) {
-          const int q = (((low[l] >> ((part / 2) * 4)) & 0x0F) | (((qh[l] >> (2 * part)) & 3) << 4));
-          sums[(base + l) / 16] += (q - 32) * x[base + l];
+        const int low_shift = (part / 2) * 4, high_shift = 2 * part;
+        for (int sub = 0; sub < 2; ++sub) {     // one scale's 16 weights: a vectorisable loop
+          int32_t dot = 0;
+          for (int l = 16 * sub; l < 16 * sub + 16; ++l) {
+            const int q = ((low[l] >> low_shift) & 0x0F) | (((qh[l] >> high_shift) & 3) << 4);
+            dot += (q - 32) * x[base + l];
+          }
+          sums[base / 16 + sub] = dot;
         }
       }
     }

@@ -1,5 +1,6 @@
 // Internals of quant_matmul (csrc/quant_matmul.cpp: driver, activation quantisation, scalar
-// kernels; csrc/quant_matmul_x86.cpp: AVX2 kernels and CPU detection; csrc/quant_matmul_vnni.cpp:
+// kernels; csrc/quant_matmul_x86.cpp: AVX2 kernels and CPU detection;
+// csrc/quant_matmul_kquants.cpp: the K-quants' AVX2 kernels; csrc/quant_matmul_vnni.cpp:
 // AVX512-VNNI kernels; the SIMD ones are chosen at run time).
 // Weights stay in GGML's block layout (kernels/quant_formats.py) and are read once; the
 // activations are quantised per 32-block to int8 with an fp32 scale and their integer block
@@ -97,6 +98,7 @@ inline uint16_t load_u16(const uint8_t* bytes) {
 // (nullptr where a path has none for that format; the driver then uses the scalar one).
 RowDot scalar_row_dot(QuantType qtype);
 TileDot avx2_tile_dot(QuantType qtype);
+TileDot avx2_kquant_tile_dot(QuantType qtype);   // q4_k, q6_k (csrc/quant_matmul_kquants.cpp)
 TileDot vnni_tile_dot(QuantType qtype);
 
 // Whether this CPU runs the AVX2 (avx2, fma, f16c) / VNNI (+ avx512f/bw/vl/vnni) kernels.

@@ -9,19 +9,15 @@
 // A kernel takes one weight row and a tile of R activation rows (ActTile): each block is
 // loaded and unpacked once, then applied to the R rows, whose fp32 accumulators (one ymm each)
 // stay in registers; the per-block offset terms of all R rows go in one ymm (lane = row).
-// q4_k / q6_k have no SIMD kernels yet (the scalar ones, auto-vectorised, run on every path).
+// q4_k / q6_k: csrc/quant_matmul_kquants.cpp (avx2_tile_dot hands them out).
 #include "quant_matmul.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-
-#define LMARITH_AVX2 __attribute__((target("avx2,fma,f16c")))
+#include "quant_avx2.h"
 
 namespace lmarith {
 namespace quant {
 namespace {
-
-LMARITH_AVX2 inline float half_avx2(const uint8_t* bytes) { return _cvtsh_ss(load_u16(bytes)); }
 
 // 16 nibble bytes -> 32 u8 in weight order (low nibbles = weights 0-15, high = 16-31).
 LMARITH_AVX2 inline __m256i nibbles_avx2(const uint8_t* qs) {
@@ -29,42 +25,6 @@ LMARITH_AVX2 inline __m256i nibbles_avx2(const uint8_t* qs) {
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
   return _mm256_set_m128i(high, _mm_and_si128(packed, mask));
-}
-
-// 8 x i32 partial sums of u8 u times s8 x.
-LMARITH_AVX2 inline __m256i dot_avx2(__m256i u, __m256i x) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
-}
-
-LMARITH_AVX2 inline __m256i load_x_avx2(const ActTile& tile, int r, int64_t b) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.q + r * tile.k + b * kActBlock));
-}
-
-LMARITH_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)));
-}
-
-// acc[r] += dot * (w_scale * d_x of row r for block b), the fp32 step every format shares.
-template <int R>
-LMARITH_AVX2 inline void scale_add_avx2(__m256* acc, const __m256i* dots, float w_scale,
-                                        const ActTile& tile, int64_t b) {
-  const __m256 w = _mm256_set1_ps(w_scale);
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const __m256 scale = _mm256_mul_ps(w, _mm256_broadcast_ss(tile.d + r * tile.nb + b));
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), scale, acc[r]);
-  }
-}
-
-// out[r * stride] = the horizontal sum of acc[r] plus lane r of `offsets` times offset_factor.
-template <int R>
-LMARITH_AVX2 inline void store_avx2(const __m256* acc, __m256 offsets, float offset_factor,
-                                    float* out, int64_t stride) {
-  alignas(32) float lanes[kTile];
-  _mm256_store_ps(lanes, offsets);
-  for (int r = 0; r < R; ++r) out[r * stride] = hsum_avx2(acc[r]) + offset_factor * lanes[r];
 }
 
 template <int R>
@@ -151,7 +111,7 @@ TileDot avx2_tile_dot(QuantType qtype) {
     case QuantType::kQ8_0: return q8_0_tile_avx2;
     case QuantType::kQ4_0: return q4_tile_avx2<false>;
     case QuantType::kQ4_1: return q4_tile_avx2<true>;
-    default: return nullptr;
+    default: return avx2_kquant_tile_dot(qtype);
   }
 }
 

@@ -159,7 +159,8 @@ def test_cpp_every_isa(monkeypatch, isa: str, qtype: str) -> None:
     cover full and partial 8-row activation tiles of the SIMD kernels (4, 5, 8, 16, 17, 33)."""
     monkeypatch.setenv(cpp_quant.ISA_ENV, isa)
     shapes = ([(17, 96, 288), (1, 7, 32), (3, 1, 64), (4, 7, 64), (5, 96, 288), (8, 3, 96),
-               (16, 7, 288), (33, 5, 96)] if qtype in SMALL else [(17, 96, 512), (1, 7, 256)])
+               (16, 7, 288), (33, 5, 96)] if qtype in SMALL else
+              [(17, 96, 512), (1, 7, 256), (5, 9, 768), (8, 3, 256), (33, 5, 512)])
     for m, n, k in shapes:
         weight, x = make_weight(qtype, n, k, seed=m), make_x(m, k, seed=n)
         check_face("cpp", ops.run(OP, "cpp", x, weight), x, weight)

@@ -1,0 +1,56 @@
+// The AVX2 building blocks quant_matmul's x86 kernels share (the 32-block formats in
+// csrc/quant_matmul_x86.cpp, the K-quants in csrc/quant_matmul_kquants.cpp): one weight row
+// against a tile of R activation rows (ActTile), one fp32 ymm accumulator per row.
+// Include only from files compiled for x86; every function carries its own target attribute.
+#pragma once
+
+#include "quant_matmul.h"
+
+#include <immintrin.h>
+
+#define LMARITH_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace lmarith {
+namespace quant {
+
+LMARITH_AVX2 inline float half_avx2(const uint8_t* bytes) { return _cvtsh_ss(load_u16(bytes)); }
+
+// 8 x i32 partial sums of u8 u times s8 x; exact while u <= 128 (nibbles, six-bit quants,
+// |q8|): a pair of i16 is then at most 2 * 128 * 127 < 2^15.
+LMARITH_AVX2 inline __m256i dot_avx2(__m256i u, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+}
+
+LMARITH_AVX2 inline __m256i load_x_avx2(const ActTile& tile, int r, int64_t b) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.q + r * tile.k + b * kActBlock));
+}
+
+LMARITH_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)));
+}
+
+// acc[r] += dots[r] * (w_scale * d_x of row r for 32-block b), the fp32 step every format shares.
+template <int R>
+LMARITH_AVX2 inline void scale_add_avx2(__m256* acc, const __m256i* dots, float w_scale,
+                                        const ActTile& tile, int64_t b) {
+  const __m256 w = _mm256_set1_ps(w_scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m256 scale = _mm256_mul_ps(w, _mm256_broadcast_ss(tile.d + r * tile.nb + b));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), scale, acc[r]);
+  }
+}
+
+// out[r * stride] = the horizontal sum of acc[r] plus lane r of `offsets` times offset_factor.
+template <int R>
+LMARITH_AVX2 inline void store_avx2(const __m256* acc, __m256 offsets, float offset_factor,
+                                    float* out, int64_t stride) {
+  alignas(32) float lanes[kTile];
+  _mm256_store_ps(lanes, offsets);
+  for (int r = 0; r < R; ++r) out[r * stride] = hsum_avx2(acc[r]) + offset_factor * lanes[r];
+}
+
+}  // namespace quant
+}  // namespace lmarith

@@ -1,0 +1,140 @@
+// quant_matmul's AVX2 kernels of the K-quants (q4_k, q6_k; driver and scalar kernels:
+// csrc/quant_matmul.cpp, the 32-block formats' AVX2 kernels: csrc/quant_matmul_x86.cpp). The
+// VNNI path uses these too. A super-block of 256 weights is 8 activation 32-blocks; each is
+// unpacked once per tile of R activation rows and its integer dot is exact:
+// q4_k: u8 nibbles x s8 x (_mm256_maddubs_epi16), scaled per 32-block by d * scale, the mins
+//   through the activation block sums (dmin * min * d_x * sum_x, subtracted);
+// q6_k: u8 six-bit q x s8 x minus 32 * x, both with maddubs (pairs of at most 2 * 63 * 127),
+//   then _mm256_madd_epi16 with each 16-weight sub-block's int8 scale, so a 32-block's
+//   scaled sum is one exact i32 per lane, times d * d_x.
+#include "quant_matmul.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include "quant_avx2.h"
+
+namespace lmarith {
+namespace quant {
+namespace {
+
+// ggml's get_scale_min_k4: q4_k's 12 packed bytes -> 8 six-bit scales and mins.
+inline void k4_scales(const uint8_t* packed, uint8_t* scales, uint8_t* mins) {
+  for (int j = 0; j < 4; ++j) scales[j] = packed[j] & 63, mins[j] = packed[j + 4] & 63;
+  for (int j = 4; j < 8; ++j) {
+    scales[j] = (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4);
+    mins[j] = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+  }
+}
+
+// q4_k super-block: 2 fp16 (d, dmin), 12 bytes of scales / mins, 4 groups of 32 bytes (group
+// g: sub-block 2g in the low nibbles, 2g + 1 in the high ones).
+template <int R>
+LMARITH_AVX2 void q4_k_avx2(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
+                            float* out, int64_t stride) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 offsets = _mm256_setzero_ps();   // lane r: -sum over blocks of dmin * min * d_x * sum_x
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t s = 0; s < num_blocks; ++s) {
+    const uint8_t* block = row + s * 144;
+    const float d = half_avx2(block), dmin = half_avx2(block + 2);
+    uint8_t scales[8], mins[8];
+    k4_scales(block + 4, scales, mins);
+    for (int g = 0; g < 4; ++g) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * g));
+      const __m256i nibbles[2] = {_mm256_and_si256(packed, mask),
+                                  _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask)};
+      for (int half = 0; half < 2; ++half) {
+        const int sub = 2 * g + half;
+        const int64_t b = s * 8 + sub;
+        __m256i dots[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+          dots[r] = dot_avx2(nibbles[half], load_x_avx2(tile, r, b));
+        scale_add_avx2<R>(acc, dots, d * scales[sub], tile, b);
+        const __m256 dx = _mm256_loadu_ps(tile.d_t + b * kTile);
+        const __m256 sum = _mm256_loadu_ps(tile.sum_t + b * kTile);
+        offsets = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin * mins[sub]), dx), sum, offsets);
+      }
+    }
+  }
+  store_avx2<R>(acc, offsets, 1.0f, out, stride);
+}
+
+// The 32 six-bit quants of q6_k's part `part` (0-3) of half `half` (0-1) of a super-block:
+// weights 128 * half + 32 * part + l, in ggml's dequantize_row_q6_K order.
+LMARITH_AVX2 inline __m256i q6_quants(const uint8_t* block, int half, int part) {
+  const uint8_t* ql = block + 64 * half + (part & 1) * 32;
+  const uint8_t* qh = block + 128 + 32 * half;
+  const __m256i low4 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+  const __m256i high2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+  const __m256i low = _mm256_and_si256(_mm256_srli_epi16(low4, (part / 2) * 4), _mm256_set1_epi8(0x0F));
+  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(high2, 2 * part), _mm256_set1_epi8(3));
+  return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+}
+
+// q6_k super-block: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales (one per
+// 16 weights), fp16 d at byte 208.
+template <int R>
+LMARITH_AVX2 void q6_k_avx2(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
+                            float* out, int64_t stride) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i thirty_two = _mm256_set1_epi8(32);
+  for (int64_t s = 0; s < num_blocks; ++s) {
+    const uint8_t* block = row + s * 210;
+    const int8_t* scales = reinterpret_cast<const int8_t*>(block + 192);
+    const float d = half_avx2(block + 208);
+    for (int half = 0; half < 2; ++half)
+      for (int part = 0; part < 4; ++part) {
+        const int first = 8 * half + 2 * part;   // the 32-block's two 16-weight sub-blocks
+        const __m256i q = q6_quants(block, half, part);
+        const __m256i sub_scales = _mm256_set_m128i(_mm_set1_epi16(scales[first + 1]),
+                                                    _mm_set1_epi16(scales[first]));
+        const int64_t b = s * 8 + 4 * half + part;
+        __m256i dots[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m256i x = load_x_avx2(tile, r, b);
+          const __m256i pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(q, x),
+                                                 _mm256_maddubs_epi16(thirty_two, x));
+          dots[r] = _mm256_madd_epi16(pairs, sub_scales);
+        }
+        scale_add_avx2<R>(acc, dots, d, tile, b);
+      }
+  }
+  store_avx2<R>(acc, _mm256_setzero_ps(), 0.0f, out, stride);
+}
+
+#define LMARITH_CALL_Q4_K(R) LMARITH_ROWS(q4_k_avx2<R>)
+#define LMARITH_CALL_Q6_K(R) LMARITH_ROWS(q6_k_avx2<R>)
+
+LMARITH_AVX2 void q4_k_tile(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                            const ActTile& tile, int64_t num_blocks, float* out, int64_t stride) {
+  LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q4_K)
+}
+
+LMARITH_AVX2 void q6_k_tile(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                            const ActTile& tile, int64_t num_blocks, float* out, int64_t stride) {
+  LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q6_K)
+}
+
+}  // namespace
+
+TileDot avx2_kquant_tile_dot(QuantType qtype) {
+  if (qtype == QuantType::kQ4_K) return q4_k_tile;
+  if (qtype == QuantType::kQ6_K) return q6_k_tile;
+  return nullptr;
+}
+
+}  // namespace quant
+}  // namespace lmarith
+
+#else  // not x86: the scalar kernels only
+
+namespace lmarith {
+namespace quant {
+TileDot avx2_kquant_tile_dot(QuantType) { return nullptr; }
+}  // namespace quant
+}  // namespace lmarith
+
+#endif
