@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "attention_simd.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -61,15 +63,8 @@ inline float sum_of(const float* x, int64_t count) {
 
 // out[i] = sum of the 16 floats of v[i], for 8 vectors (the additions in reduce16's order).
 inline __m256 reduce8(const __m512* v) {
-  __m512 pairs[4], quads[2];
-  for (int i = 0; i < 4; ++i)
-    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 2; ++i) {
-    const __m512d c = _mm512_castps_pd(pairs[2 * i]), d = _mm512_castps_pd(pairs[2 * i + 1]);
-    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
-  }
+  __m512 quads[2];
+  reduce_quads<8>(v, quads);
   const __m512 z = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
                                  _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
   const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(z, z, 0x08), _mm512_shuffle_f32x4(z, z, 0x0D));

@@ -28,20 +28,26 @@ inline float load(const void* base, AttnDtype dtype, int64_t index) {
 }
 
 #if defined(__AVX512F__)
-// out[i] = sum of the 16 floats of v[i], for 16 vectors at once (45 shuffles and adds
-// instead of 16 serial horizontal reductions): pairs within 128-bit lanes, then quads, then
-// across the four lanes.
-inline __m512 reduce16(const __m512* v) {
-  __m512 pairs[8], quads[4];
-  for (int i = 0; i < 8; ++i)
+// The first two stages of reducing N vectors of 16 floats (N a multiple of 4): pairs within
+// 128-bit lanes, then quads; quads[i] lane k, element j is lane k's partial sum of v[4i + j].
+template <int N>
+inline void reduce_quads(const __m512* v, __m512* quads) {
+  __m512 pairs[N / 2];
+  for (int i = 0; i < N / 2; ++i)
     pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
                              _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < N / 4; ++i) {
     const __m512d c = _mm512_castps_pd(pairs[2 * i]), d = _mm512_castps_pd(pairs[2 * i + 1]);
     quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
                              _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
   }
-  // quads[i] lane k, element j: lane k's partial sum of v[4i + j].
+}
+
+// out[i] = sum of the 16 floats of v[i], for 16 vectors at once (45 shuffles and adds
+// instead of 16 serial horizontal reductions): reduce_quads, then across the four lanes.
+inline __m512 reduce16(const __m512* v) {
+  __m512 quads[4];
+  reduce_quads<16>(v, quads);
   const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
   const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
@@ -49,7 +55,9 @@ inline __m512 reduce16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
 }
 
-// scores[0, 16) = q . keys[t] for 16 keys (dim a multiple of 16).
+// scores[0, 16) = q . keys[t] for 16 keys (dim a multiple of 16). With head_dim % 16 == 0
+// the grouped tiles (attention_group.h) run instead, so on AVX512 builds this per-lane code
+// is the LMARITH_ATTENTION_GROUPS=0 baseline of A/B runs (tested in a child pytest).
 inline void score16(const float* q, const float* const* keys, int64_t dim, float* scores) {
   __m512 acc[16];
   for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();

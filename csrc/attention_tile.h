@@ -61,11 +61,11 @@ void locate_ahead(const PagedAttentionArgs& a, int64_t seq, int64_t kv_head, int
 }
 
 // Locate the K and V rows of positions [t0, t0 + count) (widening bfloat16 ones to float
-// unless the tiles are grouped), and prefetch (or, grouped, locate) the next tile's.
+// unless `raw`: grouped tiles read the cache's rows), and prefetch (or, raw, locate) the
+// next tile's.
 template <typename Cache>
 void load_tile(const PagedAttentionArgs& a, int64_t seq, int64_t kv_head, int64_t t0,
-               int64_t count, int64_t end, Scratch& s) {
-  const bool raw = grouped(a);
+               int64_t count, int64_t end, bool raw, Scratch& s) {
   if (raw)
     locate_ahead<Cache>(a, seq, kv_head, t0 + kTile, end, s);
   else

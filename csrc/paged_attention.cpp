@@ -78,13 +78,14 @@ template <typename Cache>
 void run_item(const PagedAttentionArgs& a, const RowBlock& block, HeadRange heads,
               int64_t split, int64_t splits, Scratch& s) {
   start_lanes(a, block, heads, s);
+  const bool by_group = grouped(a);
   const int64_t head_lanes = (block.row_end - block.row_begin) * (a.num_heads / a.kv_heads);
   int64_t begin, end;
   split_range(a, block, split, splits, begin, end);
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t count = std::min(kTile, end - t0);
     for (int64_t kv_head = heads.begin; kv_head < heads.end; ++kv_head) {
-      load_tile<Cache>(a, block.seq, kv_head, t0, count, end, s);
+      load_tile<Cache>(a, block.seq, kv_head, t0, count, end, by_group, s);
       const int64_t first_lane = (kv_head - heads.begin) * head_lanes;
       const int64_t last_lane = first_lane + head_lanes;
       for (int64_t lane = first_lane, lanes; lane < last_lane; lane += lanes) {
@@ -92,7 +93,7 @@ void run_item(const PagedAttentionArgs& a, const RowBlock& block, HeadRange head
         const int64_t lo = a.sliding_window > 0 ? std::max(t0, pos - a.sliding_window + 1) : t0;
         const int64_t hi = std::min(t0 + count, pos + 1);
         lanes = 1;
-        if (!grouped(a)) {
+        if (!by_group) {
           if (lo < hi) update_lane(a, lane, t0, lo, hi, s);
           continue;
         }
