@@ -5,6 +5,7 @@ variants, and printed as ratios (machines here are noisy).
     python benchmarks/bench_latency.py [--tokens 32] [--repeats 3] [--batches 1 16]
         [--terms 1 2 3 5] [--plot latency.png] [--quiet]
     python benchmarks/bench_latency.py --dtypes float32 bfloat16 q8_0 auto [--batches 1 16]
+        [--gguf other.gguf]
     python benchmarks/bench_latency.py --context-sweep 32 512 2048
     python benchmarks/bench_latency.py --scaling-plot scaling.png [--sweep-batches 1 2 4 8 16]
         [--sweep-contexts 32 256 1024 2048] | --under-load | --prefill 512
@@ -22,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -105,6 +107,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="instead of the formula table: single-model decode per weight dtype "
                              "(float32 bfloat16 q8_0 auto; auto = the GGUF's Q4_1 blocks), with "
                              "transformers and, if installed, llama.cpp")
+    parser.add_argument("--gguf", metavar="PATH", default=None,
+                        help="with --dtypes: the GGUF file 'auto' and llama.cpp load (default: "
+                             "the embedded Q4_1 one)")
     parser.add_argument("--context-dtype", default="float32", metavar="DTYPE",
                         help="with --context-sweep: the weights (float32 bfloat16 q8_0 auto)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -159,7 +164,8 @@ def dtypes_table(args: argparse.Namespace) -> None:
     print(f"threads={torch.get_num_threads()} tokens={args.tokens} repeats={args.repeats} "
           f"memcpy={memcpy_bandwidth() / 1e9:.1f} GB/s", flush=True)
     dtype_sweep(args.dtypes, args.batches, args.tokens, args.repeats,
-                lambda batch, tokens: transformers_decode_seconds(*hf, batch, tokens))
+                lambda batch, tokens: transformers_decode_seconds(*hf, batch, tokens),
+                gguf=Path(args.gguf) if args.gguf else None)
 
 
 def scaling_sweeps(args: argparse.Namespace) -> None:

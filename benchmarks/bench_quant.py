@@ -1,4 +1,4 @@
-"""Quantized matmul on CPU: lmarith's C++ quant_matmul (q8_0, q4_1, q4_k, q6_k) against
+"""Quantized matmul on CPU: lmarith's C++ quant_matmul (q8_0, q4_1, q5_0, q4_k, q6_k) against
 torch's dense float32 and bfloat16 linear (oneDNN), on SmolLM2-135M-shaped weights.
 
 For each weight [N, K] (q/k/v/o 576x576, MLP up/gate 1536x576, down 576x1536, LM head
@@ -40,12 +40,15 @@ def implementations(w: torch.Tensor) -> dict[str, tuple[Callable, int]]:
     n, k = w.shape
     w_bf16 = w.to(torch.bfloat16)
     q8 = ops.quantize_q8_0(w)
-    q41 = QuantWeight("q4_1", torch.from_numpy(quantize(w.numpy(), GGMLQuantizationType.Q4_1)), n, k)
+    q41, q50 = (QuantWeight(name, torch.from_numpy(quantize(w.numpy(), qtype)), n, k)
+                for name, qtype in (("q4_1", GGMLQuantizationType.Q4_1),
+                                    ("q5_0", GGMLQuantizationType.Q5_0)))
     impls = {
         "fp32 linear": (lambda x: F.linear(x, w), w.numel() * 4),
         "bf16 linear": (lambda x: F.linear(x.to(torch.bfloat16), w_bf16), w.numel() * 2),
         "q8_0 cpp": (cpp_quant.prepared(q8), q8.nbytes),
         "q4_1 cpp": (cpp_quant.prepared(q41), q41.nbytes),
+        "q5_0 cpp": (cpp_quant.prepared(q50), q50.nbytes),
     }
     if k % 256 == 0:
         for qtype in KQUANTS:

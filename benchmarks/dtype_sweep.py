@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -53,8 +55,9 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def llama_cpp_runner(threads: int, context: int = 512):
-    """A llama.cpp model on the embedded GGUF, or None when llama-cpp-python is missing. On
+def llama_cpp_runner(threads: int, context: int = 512, path: Optional[Path] = None):
+    """A llama.cpp model on `path` (default: the embedded GGUF), or None when
+    llama-cpp-python is missing. On
     CPUs with AMX its extra (AMX / repack) weight buffers are turned off: llama-cpp-python
     0.3.36 built on such a host crashes (SIGSEGV) in its first decode with them (2026-12-02)."""
     try:
@@ -70,7 +73,7 @@ def llama_cpp_runner(threads: int, context: int = 512):
             return params
         bindings.llama_model_default_params = without_extra_buffers
     try:
-        return Llama(model_path=str(find_embedded_gguf()), n_threads=threads, n_ctx=context,
+        return Llama(model_path=str(path or find_embedded_gguf()), n_threads=threads, n_ctx=context,
                      verbose=False)
     finally:
         bindings.llama_model_default_params = defaults
@@ -87,10 +90,15 @@ def llama_cpp_seconds(runner, tokens: int, prompt: str = PROMPT) -> float:
     return (run(tokens + 1) - run(1)) / tokens
 
 
-def dtype_sweep(dtypes: list[str], batches: list[int], tokens: int, repeats: int, hf_seconds) -> None:
-    """Print one table row per (batch, variant): ms/step, tok/s, MB read per step, speed vs fp32."""
-    models = {dtype: embedded_model(dtype) for dtype in dtypes}
-    llama = llama_cpp_runner(torch.get_num_threads())
+def dtype_sweep(dtypes: list[str], batches: list[int], tokens: int, repeats: int, hf_seconds,
+                gguf: Optional[Path] = None) -> None:
+    """Print one table row per (batch, variant): ms/step, tok/s, MB read per step, speed vs
+    fp32. `gguf`: the file "auto" and llama.cpp load instead of the embedded Q4_1 one (e.g. a
+    Q6_K or Q4_K_M requantisation of it, for the other formats' kernels)."""
+    models = {dtype: la.Model(str(gguf), dtype="auto") if dtype == "auto" and gguf
+              else embedded_model(dtype) for dtype in dtypes}
+    llama = llama_cpp_runner(torch.get_num_threads(), path=gguf)
+    llama_label = f"llama.cpp ({(gguf or find_embedded_gguf()).name})"
     with la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=64, models=list(models.values())) as llm:
         sizes = {dtype: weight_bytes(llm, model) for dtype, model in models.items()}
         print("| batch | variant | MB/step | ms/step | tok/s | vs lmarith float32 |")
@@ -100,7 +108,7 @@ def dtype_sweep(dtypes: list[str], batches: list[int], tokens: int, repeats: int
             for _ in range(repeats):
                 samples.setdefault("transformers float32", []).append(hf_seconds(batch, tokens))
                 if llama is not None and batch == 1:
-                    samples.setdefault("llama.cpp (Q4_1 GGUF)", []).append(llama_cpp_seconds(llama, tokens))
+                    samples.setdefault(llama_label, []).append(llama_cpp_seconds(llama, tokens))
                 for dtype, model in models.items():
                     samples.setdefault(dtype, []).append(lmarith_seconds(llm, model, batch, tokens))
             base = statistics.median(samples.get("float32", samples[dtypes[0]]))

@@ -12,7 +12,8 @@ import torch
 from lmarith.bindings import cpp
 from lmarith.kernels.quant_formats import QuantWeight
 
-QTYPE_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q6_k": 4}   # csrc QuantType
+QTYPE_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q6_k": 4,   # csrc QuantType
+               "q5_0": 5, "q5_1": 6}
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "vnni": 3}              # csrc QuantIsa
 ISA_ENV = "LMARITH_QUANT_ISA"
 

@@ -16,10 +16,11 @@ T* address_as(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-// Values per block and bytes per block of quant_matmul's formats, by qtype code 0..4
-// (q8_0 q4_0 q4_1 q4_k q6_k; csrc QuantType).
-constexpr int64_t kQuantBlock[] = {32, 32, 32, 256, 256};
-constexpr int64_t kQuantBlockBytes[] = {34, 18, 20, 144, 210};
+// Values per block and bytes per block of quant_matmul's formats, by qtype code 0..6
+// (q8_0 q4_0 q4_1 q4_k q6_k q5_0 q5_1; csrc QuantType).
+constexpr int64_t kQuantBlock[] = {32, 32, 32, 256, 256, 32, 32};
+constexpr int64_t kQuantBlockBytes[] = {34, 18, 20, 144, 210, 22, 24};
+constexpr int kQuantTypes = 7;
 
 inline void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument(message);

@@ -28,6 +28,7 @@ using lmarith::entry::address_as;
 using lmarith::entry::check_paged_metadata;
 using lmarith::entry::kQuantBlock;
 using lmarith::entry::kQuantBlockBytes;
+using lmarith::entry::kQuantTypes;
 using lmarith::entry::require;
 
 using Int2 = std::array<int64_t, 2>;
@@ -120,10 +121,11 @@ void paged_attention_entry(std::uintptr_t query, int query_dtype, Int3 query_sha
 }
 
 // quant_matmul: x f32/bf16 [M,K], weight u8 [N,row_bytes] in a GGML block format (qtype
-// 0..4: q8_0, q4_0, q4_1, q4_k, q6_k), isa 0 auto / 1 scalar / 2 avx2 / 3 vnni -> out f32 [M,N].
+// 0..6: q8_0, q4_0, q4_1, q4_k, q6_k, q5_0, q5_1), isa 0 auto / 1 scalar / 2 avx2 / 3 vnni -> out f32 [M,N].
 void quant_matmul_entry(std::uintptr_t x, int x_dtype, int64_t m, int64_t k, std::uintptr_t weight,
                         int qtype, int64_t n, int64_t row_bytes, int isa, std::uintptr_t out) {
-  require(qtype >= 0 && qtype <= 4, "quant_matmul: qtype must be 0..4 (q8_0 q4_0 q4_1 q4_k q6_k)");
+  require(qtype >= 0 && qtype < kQuantTypes,
+          "quant_matmul: qtype must be 0..6 (q8_0 q4_0 q4_1 q4_k q6_k q5_0 q5_1)");
   require(x_dtype == 0 || x_dtype == 1, "quant_matmul: x_dtype must be 0 (float32) or 1 (bfloat16)");
   require(m >= 0 && n >= 0 && k > 0 && k % kQuantBlock[qtype] == 0,
           "quant_matmul: need M >= 0, N >= 0, K > 0 divisible by the format's block");
@@ -205,8 +207,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("quant_matmul", &quant_matmul_entry, py::call_guard<py::gil_scoped_release>(),
         py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("k"), py::arg("weight"),
         py::arg("qtype"), py::arg("n"), py::arg("row_bytes"), py::arg("isa"), py::arg("out"),
-        "out f32 [M,N] = x (f32/bf16 [M,K]) @ W.T, W u8 [N,row_bytes] GGML blocks (qtype 0..4: "
-        "q8_0 q4_0 q4_1 q4_k q6_k); isa 0 auto, 1 scalar, 2 avx2, 3 avx512-vnni.");
+        "out f32 [M,N] = x (f32/bf16 [M,K]) @ W.T, W u8 [N,row_bytes] GGML blocks (qtype 0..6: "
+        "q8_0 q4_0 q4_1 q4_k q6_k q5_0 q5_1); isa 0 auto, 1 scalar, 2 avx2, 3 avx512-vnni.");
   m.def("quant_isa_supported", [](int isa) {
           return lmarith::quant_isa_supported(static_cast<lmarith::QuantIsa>(isa)); },
         py::arg("isa"), "Whether this CPU runs quant_matmul path isa (1 scalar, 2 avx2, 3 vnni).");

@@ -26,6 +26,7 @@ using Layer = std::tuple<std::uintptr_t, std::uintptr_t, Linear, Linear, Linear,
 
 using lmarith::entry::kQuantBlock;
 using lmarith::entry::kQuantBlockBytes;
+using lmarith::entry::kQuantTypes;
 constexpr int kF32Panels = -1;   // a part's qtype code for packed float32 weights
 constexpr int kBf16Panels = -2;  // ... and for packed bfloat16 ones
 
@@ -47,7 +48,7 @@ lmarith::StackPart make_part(const Part& spec, int64_t in, bool bf16_stack, cons
     require(row_bytes == 4 * in, "DecoderStack: " + name + "'s float32 panels need row_bytes 4 * K");
     return {nullptr, lmarith::QuantType::kQ8_0, rows, row_bytes, reinterpret_cast<const float*>(data)};
   }
-  require(qtype >= 0 && qtype <= 4 && in % kQuantBlock[qtype] == 0 &&
+  require(qtype >= 0 && qtype < kQuantTypes && in % kQuantBlock[qtype] == 0 &&
               row_bytes == in / kQuantBlock[qtype] * kQuantBlockBytes[qtype],
           "DecoderStack: " + name + " has a part whose qtype/row_bytes do not match K");
   return {reinterpret_cast<const uint8_t*>(data), static_cast<lmarith::QuantType>(qtype), rows, row_bytes};

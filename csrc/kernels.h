@@ -103,7 +103,9 @@ void paged_attention(const PagedAttentionArgs& args);
 
 // GGML block formats of quant_matmul's weights (kernels/quant_formats.py, same order as
 // bindings/cpp.py's codes) and the instruction paths its kernels have.
-enum class QuantType : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kQ4_K = 3, kQ6_K = 4 };
+enum class QuantType : int {
+  kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kQ4_K = 3, kQ6_K = 4, kQ5_0 = 5, kQ5_1 = 6
+};
 enum class QuantIsa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kVnni = 3 };
 
 // out [M, N] f32 = x [M, K] (f32 or bf16, row-major) @ W.T for W [N, K] in GGML blocks

@@ -4,8 +4,8 @@
 // The activations are quantised once per call, per 32-block of a row, to int8 with an fp32
 // scale d = max|x| / 127 (q = round_half_even(x * (1 / d)), as reference_quant.
 // quantize_activations does) and the block's integer sum. Each block of a weight row then
-// contributes d_w * d_x * (integer dot) plus the format's offset term (q4_0: -8 * d_w * d_x *
-// sum; q4_1 and q4_k's mins: m * d_x * sum), so only the scales are floating point.
+// contributes d_w * d_x * (integer dot) plus the format's offset term (q4_0 / q5_0: -8 / -16 *
+// d_w * d_x * sum; q4_1, q5_1 and q4_k's mins: m * d_x * sum), so only the scales are floating point.
 // OpenMP splits the rows of W: a thread streams its rows once and computes every activation
 // row against each while it is in L1 (for M = 1 decode the weights are the whole traffic).
 // The SIMD kernels take the activation rows kTile (8) at a time, unpacking each weight block
@@ -61,6 +61,29 @@ float dot_q4_1(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
     const int32_t dot = dot_nibbles(block + 4, act.q + b * kActBlock);
     total += half_to_float(load_u16(block)) * act.d[b] * static_cast<float>(dot) +
              half_to_float(load_u16(block + 2)) * act.d[b] * static_cast<float>(act.sum[b]);
+  }
+  return total;
+}
+
+// q5_0 (kHasMin false: w = d * (q - 16)) and q5_1 (true: w = d * q + m): q is a nibble plus
+// a fifth bit, weight j's being bit j of the little-endian word qh.
+template <bool kHasMin>
+float dot_q5(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
+  constexpr int64_t kBytes = kHasMin ? 24 : 22, kQh = kHasMin ? 4 : 2;
+  float total = 0.0f;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* block = row + b * kBytes;
+    const uint32_t qh = load_u32(block + kQh);
+    const int8_t* x = act.q + b * kActBlock;
+    int32_t high = 0;   // the fifth bits' part of the dot, over 16
+    for (int j = 0; j < 32; ++j) high += static_cast<int32_t>((qh >> j) & 1) * x[j];
+    const int32_t dot = dot_nibbles(block + kQh + 4, x) + 16 * high;
+    const float d = half_to_float(load_u16(block));
+    if (kHasMin)
+      total += d * act.d[b] * static_cast<float>(dot) +
+               half_to_float(load_u16(block + 2)) * act.d[b] * static_cast<float>(act.sum[b]);
+    else
+      total += d * act.d[b] * static_cast<float>(dot - 16 * act.sum[b]);
   }
   return total;
 }
@@ -256,6 +279,8 @@ RowDot scalar_row_dot(QuantType qtype) {
     case QuantType::kQ4_1: return dot_q4_1;
     case QuantType::kQ4_K: return dot_q4_k;
     case QuantType::kQ6_K: return dot_q6_k;
+    case QuantType::kQ5_0: return dot_q5<false>;
+    case QuantType::kQ5_1: return dot_q5<true>;
   }
   return nullptr;
 }

@@ -94,6 +94,12 @@ inline uint16_t load_u16(const uint8_t* bytes) {
   return value;
 }
 
+inline uint32_t load_u32(const uint8_t* bytes) {
+  uint32_t value;
+  std::memcpy(&value, bytes, sizeof(value));
+  return value;
+}
+
 // The per-format kernels of each path: scalar row dots (every format), AVX2 / VNNI tile dots
 // (nullptr where a path has none for that format; the driver then uses the scalar one).
 RowDot scalar_row_dot(QuantType qtype);

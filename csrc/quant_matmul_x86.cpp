@@ -27,6 +27,17 @@ LMARITH_AVX2 inline __m256i nibbles_avx2(const uint8_t* qs) {
   return _mm256_set_m128i(high, _mm_and_si128(packed, mask));
 }
 
+// q5's fifth bits (bit j of qh for weight j) as 32 bytes of 0 or 16, in weight order: each
+// byte gets qh's byte j / 8, keeps bit j % 8, and becomes 0xFF where it was set.
+LMARITH_AVX2 inline __m256i fifth_bits_avx2(uint32_t qh) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int32_t>(qh)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
 template <int R>
 LMARITH_AVX2 inline void q8_0_avx2(const uint8_t* row, const ActTile& tile,
                             int64_t num_blocks, float* out, int64_t stride) {
@@ -45,25 +56,28 @@ LMARITH_AVX2 inline void q8_0_avx2(const uint8_t* row, const ActTile& tile,
   store_avx2<R>(acc, _mm256_setzero_ps(), 0.0f, out, stride);
 }
 
-// The tile's offset terms of block b, (c * d_x) * sum_x per row (lane): c is q4_1's min, or
-// q4_0's d (the -8 is applied once at the end, exactly, as a power of two).
+// The tile's offset terms of block b, (c * d_x) * sum_x per row (lane): c is q4_1's / q5_1's
+// min, or q4_0's / q5_0's d (the -8 / -16 is applied once at the end, exactly, as a power of two).
 LMARITH_AVX2 inline __m256 offsets_avx2(__m256 acc, float c, const ActTile& tile, int64_t b) {
   const __m256 dx = _mm256_loadu_ps(tile.d_t + b * kTile);
   const __m256 sum = _mm256_loadu_ps(tile.sum_t + b * kTile);
   return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c), dx), sum));
 }
 
-// q4_0 (kHasMin false: w = d * (q - 8)) and q4_1 (true: w = d * q + m).
-template <bool kHasMin, int R>
+// q4_0 (kHasMin false: w = d * (q - 8)) and q4_1 (true: w = d * q + m); with kFive, q5_0
+// (w = d * (q - 16)) and q5_1, whose 4 bytes of fifth bits precede the nibbles.
+template <bool kHasMin, bool kFive, int R>
 LMARITH_AVX2 inline void q4_avx2(const uint8_t* row, const ActTile& tile,
                             int64_t num_blocks, float* out, int64_t stride) {
-  constexpr int64_t kBytes = kHasMin ? 20 : 18, kQs = kHasMin ? 4 : 2;
+  constexpr int64_t kQh = kHasMin ? 4 : 2, kQs = kQh + (kFive ? 4 : 0), kBytes = kQs + 16;
+  constexpr float kOffsetFactor = kHasMin ? 1.0f : kFive ? -16.0f : -8.0f;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   __m256 offsets = _mm256_setzero_ps();
   for (int64_t b = 0; b < num_blocks; ++b) {
     const uint8_t* block = row + b * kBytes;
-    const __m256i u = nibbles_avx2(block + kQs);
+    __m256i u = nibbles_avx2(block + kQs);
+    if (kFive) u = _mm256_or_si256(u, fifth_bits_avx2(load_u32(block + kQh)));
     __m256i dots[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) dots[r] = dot_avx2(u, load_x_avx2(tile, r, b));
@@ -71,11 +85,11 @@ LMARITH_AVX2 inline void q4_avx2(const uint8_t* row, const ActTile& tile,
     scale_add_avx2<R>(acc, dots, d, tile, b);
     offsets = offsets_avx2(offsets, kHasMin ? half_avx2(block + 2) : d, tile, b);
   }
-  store_avx2<R>(acc, offsets, kHasMin ? 1.0f : -8.0f, out, stride);
+  store_avx2<R>(acc, offsets, kOffsetFactor, out, stride);
 }
 
 #define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_avx2<R>)
-#define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_avx2<kHasMin, R>))
+#define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_avx2<kHasMin, kFive, R>))
 
 // The TileDots: the tile height picked at run time, once per call.
 LMARITH_AVX2 void q8_0_tile_avx2(const uint8_t* rows, int64_t row_bytes, int64_t count,
@@ -84,7 +98,7 @@ LMARITH_AVX2 void q8_0_tile_avx2(const uint8_t* rows, int64_t row_bytes, int64_t
   LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q8_0)
 }
 
-template <bool kHasMin>
+template <bool kHasMin, bool kFive>
 LMARITH_AVX2 void q4_tile_avx2(const uint8_t* rows, int64_t row_bytes, int64_t count,
                                const ActTile& tile, int64_t num_blocks, float* out,
                                int64_t stride) {
@@ -109,8 +123,10 @@ bool cpu_has_vnni() {
 TileDot avx2_tile_dot(QuantType qtype) {
   switch (qtype) {
     case QuantType::kQ8_0: return q8_0_tile_avx2;
-    case QuantType::kQ4_0: return q4_tile_avx2<false>;
-    case QuantType::kQ4_1: return q4_tile_avx2<true>;
+    case QuantType::kQ4_0: return q4_tile_avx2<false, false>;
+    case QuantType::kQ4_1: return q4_tile_avx2<true, false>;
+    case QuantType::kQ5_0: return q4_tile_avx2<false, true>;
+    case QuantType::kQ5_1: return q4_tile_avx2<true, true>;
     default: return avx2_kquant_tile_dot(qtype);
   }
 }

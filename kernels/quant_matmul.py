@@ -8,7 +8,7 @@ accumulates tl.dot(x tile, W tile^T) in float32 (input_precision "ieee": no tf32
 so it matches the reference to float32 accumulation order). The weights are read once per
 M-tile, never written back dequantised.
 
-q8_0, q4_0 and q4_1 have the kernel; q4_k and q6_k fall back to the reference
+q8_0, q4_0, q4_1, q5_0 and q5_1 have the kernel; q4_k and q6_k fall back to the reference
 (dequantize on the device, then torch's matmul).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import triton.language as tl
 from lmarith.kernels import reference_quant
 from lmarith.kernels.quant_formats import QTYPES, QuantWeight
 
-_KINDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
+_KINDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q5_0": 3, "q5_1": 4}
 
 
 @triton.jit
@@ -42,14 +42,20 @@ def _weight_tile(data, row_bytes, offs_n, offs_k, N, K, KIND: tl.constexpr,
     if KIND == 0:    # q8_0: fp16 d, 32 int8
         q = tl.load(block + 2 + j, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
         w = q * d
-    else:            # q4_0 / q4_1: byte j % 16 holds weight j (low nibble) and j + 16 (high)
-        qs = 2 if KIND == 1 else 4
+    else:            # q4 / q5: byte j % 16 holds weight j (low nibble) and j + 16 (high)
+        has_min = KIND == 2 or KIND == 4
+        qh = 4 if has_min else 2                  # q5: bit j of the 4 bytes at qh is weight j's 5th
+        qs = qh + 4 if KIND >= 3 else qh
         byte = tl.load(block + qs + (j % 16), mask=mask, other=0)
-        nibble = tl.where(j < 16, byte & 0x0F, byte >> 4).to(tl.float32)
-        if KIND == 1:
-            w = d * (nibble - 8.0)
+        q = tl.where(j < 16, byte & 0x0F, byte >> 4)
+        if KIND >= 3:
+            bits = tl.load(block + qh + j // 8, mask=mask, other=0)
+            q = q | (((bits >> (j % 8)) & 1) << 4)
+        q = q.to(tl.float32)
+        if has_min:
+            w = d * q + _half_at(block + 2, mask)
         else:
-            w = d * nibble + _half_at(block + 2, mask)
+            w = d * (q - (16.0 if KIND == 3 else 8.0))
     return tl.where(mask, w, 0.0)
 
 

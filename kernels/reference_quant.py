@@ -47,6 +47,25 @@ def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
     return d * _nibbles(blocks[..., 4:]).float() + m
 
 
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """q5's 4 bytes [..., 4] -> [..., 32] uint8: bit j of the little-endian word, times 16."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
+    bits = (qh.unsqueeze(-1) >> shifts) & 1               # [..., 4 bytes, 8 bits]
+    return bits.flatten(-2) << 4
+
+
+def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = _half(blocks[..., :2])
+    q = _nibbles(blocks[..., 6:]) | _fifth_bits(blocks[..., 2:6])
+    return d * (q.to(torch.int8) - 16).float()
+
+
+def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    d, m = _half(blocks[..., :2]), _half(blocks[..., 2:4])
+    q = _nibbles(blocks[..., 8:]) | _fifth_bits(blocks[..., 4:8])
+    return d * q.float() + m
+
+
 def k4_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q4_k's 12 packed bytes [..., 12] -> 6-bit (scales, mins) [..., 8] (get_scale_min_k4)."""
     d, m, m_d = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
@@ -78,7 +97,8 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return (d * q.reshape(n, nb, 16, 16).float()).reshape(n, nb, 256)
 
 
-_DEQUANT = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q4_k": _q4_k, "q6_k": _q6_k}
+_DEQUANT = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q5_0": _q5_0, "q5_1": _q5_1,
+            "q4_k": _q4_k, "q6_k": _q6_k}
 
 
 def dequantize(weight: QuantWeight) -> torch.Tensor:

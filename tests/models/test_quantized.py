@@ -1,5 +1,5 @@
-"""Quantized weights in the model: a GGUF file's q8_0 / q4_0 / q4_1 / q4_k / q6_k blocks are
-kept (no float copy of those projections) and give the dequantised float model's logits
+"""Quantized weights in the model: a GGUF file's q8_0 / q4_0 / q4_1 / q5_0 / q5_1 / q4_k /
+q6_k blocks are kept (no float copy of those projections) and give the dequantised float model's logits
 within the error of int8 activations, and its greedy tokens; mixed quantizations inside one
 fused projection; float checkpoints quantised to q8_0 at load; the engine end to end."""
 from __future__ import annotations
@@ -63,7 +63,7 @@ def quantized_pair(tmp_path, choose, family="llama", **sizes):
     return load_model(str(path), quantization="auto"), load_model(str(path))
 
 
-FORMATS = [GGML.Q8_0, GGML.Q4_0, GGML.Q4_1, GGML.Q4_K, GGML.Q6_K]
+FORMATS = [GGML.Q8_0, GGML.Q4_0, GGML.Q4_1, GGML.Q5_0, GGML.Q5_1, GGML.Q4_K, GGML.Q6_K]
 
 
 def model_sizes(qtype) -> dict:

@@ -25,10 +25,12 @@ from lmarith.kernels.quant_formats import QTYPES, QuantWeight
 
 OP = "quant_matmul"
 GGML = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
-        "q4_1": GGMLQuantizationType.Q4_1, "q4_k": GGMLQuantizationType.Q4_K,
+        "q4_1": GGMLQuantizationType.Q4_1, "q5_0": GGMLQuantizationType.Q5_0,
+        "q5_1": GGMLQuantizationType.Q5_1, "q4_k": GGMLQuantizationType.Q4_K,
         "q6_k": GGMLQuantizationType.Q6_K}
-SMALL = ("q8_0", "q4_0", "q4_1")            # 32-weight blocks, gguf can quantize them
-HALVES = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,)}
+SMALL = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # 32-weight blocks, gguf can quantize them
+HALVES = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2),
+          "q4_k": (0, 2), "q6_k": (208,)}        # byte offsets of each block's fp16 scales
 SHAPES = [(1, 7, 288), (3, 96, 64), (17, 1, 32), (17, 96, 288), (1, 1, 32), (3, 7, 32),
           (17, 7, 64), (1, 96, 288)]      # (M, N, K): every M, N, K of 1/3/17, 1/7/96, 32/64/288
 K_SHAPES = [(1, 7, 512), (3, 96, 256), (17, 1, 512), (1, 96, 256)]

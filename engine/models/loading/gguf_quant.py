@@ -18,7 +18,8 @@ from lmarith.models.llama import PACKED
 from lmarith.models.quantization import replace_linear
 
 QTYPE_NAMES = {GGMLQuantizationType.Q8_0: "q8_0", GGMLQuantizationType.Q4_0: "q4_0",
-               GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q4_K: "q4_k",
+               GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q5_0: "q5_0",
+               GGMLQuantizationType.Q5_1: "q5_1", GGMLQuantizationType.Q4_K: "q4_k",
                GGMLQuantizationType.Q6_K: "q6_k"}
 
 
