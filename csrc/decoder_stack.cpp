@@ -184,10 +184,29 @@ struct Team {
   bool lead() const { return id == 0; }
 };
 
-// A single-part panel linear, this thread's share of its 16-row blocks.
-void team_linear(const StackLinear& w, const void* x, LogitsDtype dtype, int64_t tokens, void* y,
-                 const Team& team) {
+// Whether a linear is made of quantized parts only (at most kTeamParts of them).
+constexpr size_t kTeamParts = 4;
+bool quantized(const StackLinear& w) {
+  if (w.parts.size() > kTeamParts) return false;
+  for (const StackPart& p : w.parts)
+    if (p.data == nullptr || p.f32 != nullptr || p.bf16 != nullptr) return false;
+  return true;
+}
+
+// This thread's share of a linear: the 16-row blocks of a single float panel part, or the
+// 16-row chunks of quantized parts (written side by side into y's rows, as linear() does).
+void team_linear(const StackLinear& w, const void* x, LogitsDtype dtype, int64_t tokens,
+                 QuantIsa isa, void* y, const Team& team) {
   const StackPart& p = w.parts.front();
+  if (p.data != nullptr) {
+    QuantPart parts[kTeamParts];
+    for (size_t i = 0; i < w.parts.size(); ++i)
+      parts[i] = {w.parts[i].data, w.parts[i].qtype, w.parts[i].rows, w.parts[i].row_bytes};
+    quant_matmul_share(x, dtype, tokens, w.in_features, parts, static_cast<int64_t>(w.parts.size()),
+                       isa, w.bias, static_cast<float*>(y), w.out_features, team.id, team.size);
+    team.sync();
+    return;
+  }
   static_assert(kF32Block == kBf16Block, "both panel formats split by the same blocks");
   const int64_t blocks = (p.rows + kF32Block - 1) / kF32Block;
   const int64_t first = blocks * team.id / team.size, last = blocks * (team.id + 1) / team.size;
@@ -208,25 +227,26 @@ void run_layer_team(const StackShape& s, const StackLayer& layer, int64_t index,
   const int64_t tokens = step.tokens, hidden = s.hidden;
   if (team.lead()) input_norm(s, layer, index, tokens, b);
   team.sync();
-  team_linear(layer.qkv, b.normed.data(), s.dtype, tokens, b.qkv.data(), team);
+  team_linear(layer.qkv, b.normed.data(), s.dtype, tokens, s.isa, b.qkv.data(), team);
   if (team.lead()) rotate_and_store(s, index, step, b);
   team.sync();
   paged_attention_team(attention_args(s, layer, index, step, b), team.id, team.size, *team.barrier,
                        *team.attention);
   team.sync();
-  team_linear(layer.o_proj, b.attn.data(), s.dtype, tokens, b.hidden.data(), team);
+  team_linear(layer.o_proj, b.attn.data(), s.dtype, tokens, s.isa, b.hidden.data(), team);
   if (team.lead())
     rms_norm(b.hidden.data(), b.residual.data(), layer.post_norm, tokens, hidden, s.eps, s.dtype,
              b.normed.data(), b.residual.data());
   team.sync();
-  team_linear(layer.gate_up, b.normed.data(), s.dtype, tokens, b.gate_up.data(), team);
+  team_linear(layer.gate_up, b.normed.data(), s.dtype, tokens, s.isa, b.gate_up.data(), team);
   if (team.lead()) silu_mul(b.gate_up.data(), tokens, s.intermediate, s.dtype, b.act.data());
   team.sync();
-  team_linear(layer.down, b.act.data(), s.dtype, tokens, b.hidden.data(), team);
+  team_linear(layer.down, b.act.data(), s.dtype, tokens, s.isa, b.hidden.data(), team);
 }
 
 // Whether a step runs as a team: few rows (decode; prefill's larger products parallelise
-// inside each kernel), more than one thread, every projection one part of float panels, and
+// inside each kernel), more than one thread, every projection one part of float panels or
+// quantized parts only, and
 // LMARITH_STACK_TEAM not "0" (read every step, so a benchmark can compare both in one run).
 bool team_step(const std::vector<StackLayer>& layers, int64_t tokens) {
   const char* setting = std::getenv("LMARITH_STACK_TEAM");
@@ -242,7 +262,8 @@ bool team_step(const std::vector<StackLayer>& layers, int64_t tokens) {
 #endif
   for (const StackLayer& layer : layers)
     for (const StackLinear* w : {&layer.qkv, &layer.o_proj, &layer.gate_up, &layer.down})
-      if (w->parts.size() != 1 || (w->parts[0].f32 == nullptr && w->parts[0].bf16 == nullptr))
+      if (!quantized(*w) &&
+          (w->parts.size() != 1 || (w->parts[0].f32 == nullptr && w->parts[0].bf16 == nullptr)))
         return false;
   return true;
 }

@@ -115,6 +115,21 @@ void quant_matmul(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k,
                   const uint8_t* weight, QuantType qtype, int64_t n, int64_t row_bytes,
                   QuantIsa isa, float* out);
 
+// One part of a quantized weight made of row blocks in several formats (a fused q/k/v or
+// gate/up whose parts a GGUF file stores differently): [rows, row_bytes] GGML blocks.
+struct QuantPart {
+  const uint8_t* data;
+  QuantType qtype;
+  int64_t rows, row_bytes;
+};
+
+// Share `share` of `shares` of out [M, sum of the parts' rows] (row stride out_stride) =
+// x @ W.T (+ bias), W the parts' rows concatenated, on the calling thread only: for thread
+// teams that split one product (csrc/decoder_stack.cpp). Each share quantises x itself.
+void quant_matmul_share(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k,
+                        const QuantPart* parts, int64_t count, QuantIsa isa, const float* bias,
+                        float* out, int64_t out_stride, int share, int shares);
+
 // Whether this CPU (and build) can run a quant_matmul path (kAuto, kScalar: always).
 bool quant_isa_supported(QuantIsa isa);
 

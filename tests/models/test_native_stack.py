@@ -105,6 +105,26 @@ def test_serial_and_team_steps_match_the_loop(tmp_path, monkeypatch, threads):
     assert_packed_float_stacks_match(tmp_path, threads)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_quantized_team_steps_match_the_loop(tmp_path, monkeypatch, threads):
+    """Quantized projections in team steps too: each thread quantises the activations and
+    takes its share of 16-row chunks across a projection's parts (q4_1 q/k beside q8_0 v) and
+    adds the bias (qwen2's qkv) to its own columns: bit-equal to the loop either way."""
+    import models.test_models as schedules
+    monkeypatch.setattr(schedules, "SCHEDULE", [(20, 17, 3), (1, 1, 1), (2, 1, 1), (1, 1, 1)])
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        hf = hf_model("llama_tied_gqa3")
+        choose = lambda name: GGML.Q8_0 if "attn_v" in name else GGML.Q4_1   # noqa: E731
+        write_gguf(hf, "llama", tmp_path / "mixed.gguf", quantizer(choose))
+        assert_equal_logits(load_model(str(tmp_path / "mixed.gguf"), quantization="auto"))
+        hf_model("qwen2").save_pretrained(tmp_path / "qwen2")
+        assert_equal_logits(load_model(str(tmp_path / "qwen2"), quantization="q8_0"))
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_team_attention_splits_long_contexts_like_the_loop(tmp_path, monkeypatch):
     """Past 512 tokens of context a decode step's attention is cut into context splits whose
     partial softmaxes are merged; in a team step the threads share the splits and the merge
