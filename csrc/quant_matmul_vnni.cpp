@@ -2,7 +2,8 @@
 // detection: csrc/quant_matmul_x86.cpp). _mm512_dpbusd_epi32 (u8 x s8, four products summed
 // into i32) takes two blocks per step (lanes 0-7 the first block, 8-15 the second), and
 // _mm256_dpbusd_epi32 an odd tail; the integer dots are exact. The unsigned operand is the
-// weight's nibbles (q4_0 / q4_1: the -8 or the min go through the activation block sums) or,
+// weight's nibbles (q4_0 / q4_1: the -8 or the min go through the activation block sums; q5
+// adds the fifth bits and -16) or,
 // for q8_0, |w| with the sign moved onto the activations.
 // A kernel takes one weight row and a tile of R activation rows (ActTile): each pair of
 // blocks is loaded and unpacked once and applied to the R rows, whose fp32 accumulators (one
@@ -11,6 +12,8 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+
+#include "quant_avx2.h"   // fifth_bits_avx2 (an AVX2 function inlines into VNNI ones)
 
 #define LMARITH_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
@@ -119,11 +122,18 @@ LMARITH_VNNI inline __m256 offsets_vnni(__m256 acc, float c, const ActTile& tile
   return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c), dx), sum));
 }
 
-// q4_0 / q4_1's odd last block for each row (its offset term goes through offsets_vnni).
-template <int R>
-LMARITH_VNNI inline void q4_tail(const uint8_t* block, int64_t qs, const ActTile& tile,
-                                 int64_t b, float* tail) {
-  const __m256i u = nibbles_vnni(block + qs);
+// A q4 block's 32 quants as u8; with kFive, q5's, whose fifth bits are the 4 bytes at qh.
+template <bool kFive>
+LMARITH_VNNI inline __m256i quants_vnni(const uint8_t* block, int64_t qh, int64_t qs) {
+  const __m256i nibbles = nibbles_vnni(block + qs);
+  return kFive ? _mm256_or_si256(nibbles, fifth_bits_avx2(load_u32(block + qh))) : nibbles;
+}
+
+// q4 / q5's odd last block for each row (its offset term goes through offsets_vnni).
+template <bool kFive, int R>
+LMARITH_VNNI inline void q4_tail(const uint8_t* block, int64_t qh, int64_t qs,
+                                 const ActTile& tile, int64_t b, float* tail) {
+  const __m256i u = quants_vnni<kFive>(block, qh, qs);
   const float d = half_vnni(block);
   for (int r = 0; r < R; ++r) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_at(tile, r, b)));
@@ -132,11 +142,13 @@ LMARITH_VNNI inline void q4_tail(const uint8_t* block, int64_t qs, const ActTile
   }
 }
 
-// q4_0 (kHasMin false: w = d * (q - 8)) and q4_1 (true: w = d * q + m).
-template <bool kHasMin, int R>
+// q4_0 (kHasMin false: w = d * (q - 8)) and q4_1 (true: w = d * q + m); with kFive, q5_0
+// (w = d * (q - 16)) and q5_1, whose 4 bytes of fifth bits precede the nibbles.
+template <bool kHasMin, bool kFive, int R>
 LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
                             int64_t num_blocks, float* out, int64_t stride) {
-  constexpr int64_t kBytes = kHasMin ? 20 : 18, kQs = kHasMin ? 4 : 2;
+  constexpr int64_t kQh = kHasMin ? 4 : 2, kQs = kQh + (kFive ? 4 : 0), kBytes = kQs + 16;
+  constexpr float kOffsetFactor = kHasMin ? 1.0f : kFive ? -16.0f : -8.0f;
   __m512 acc[R];
   float tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -144,7 +156,8 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
   int64_t b = 0;
   for (; b + 2 <= num_blocks; b += 2) {
     const uint8_t* block = row + b * kBytes;
-    const __m512i u = join_vnni(nibbles_vnni(block + kQs), nibbles_vnni(block + kBytes + kQs));
+    const __m512i u = join_vnni(quants_vnni<kFive>(block, kQh, kQs),
+                                quants_vnni<kFive>(block + kBytes, kQh, kQs));
     __m512i dots[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
@@ -157,14 +170,14 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
   }
   if (b < num_blocks) {
     const uint8_t* block = row + b * kBytes;
-    q4_tail<R>(block, kQs, tile, b, tail);
+    q4_tail<kFive, R>(block, kQh, kQs, tile, b, tail);
     offsets = offsets_vnni(offsets, half_vnni(kHasMin ? block + 2 : block), tile, b);
   }
-  store_vnni<R>(acc, tail, offsets, kHasMin ? 1.0f : -8.0f, out, stride);
+  store_vnni<R>(acc, tail, offsets, kOffsetFactor, out, stride);
 }
 
 #define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_vnni<R>)
-#define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_vnni<kHasMin, R>))
+#define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_vnni<kHasMin, kFive, R>))
 
 // The TileDots: the tile height picked at run time, once per call.
 LMARITH_VNNI void q8_0_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,
@@ -173,7 +186,7 @@ LMARITH_VNNI void q8_0_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t
   LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q8_0)
 }
 
-template <bool kHasMin>
+template <bool kHasMin, bool kFive>
 LMARITH_VNNI void q4_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,
                                const ActTile& tile, int64_t num_blocks, float* out,
                                int64_t stride) {
@@ -185,8 +198,10 @@ LMARITH_VNNI void q4_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t c
 TileDot vnni_tile_dot(QuantType qtype) {
   switch (qtype) {
     case QuantType::kQ8_0: return q8_0_tile_vnni;
-    case QuantType::kQ4_0: return q4_tile_vnni<false>;
-    case QuantType::kQ4_1: return q4_tile_vnni<true>;
+    case QuantType::kQ4_0: return q4_tile_vnni<false, false>;
+    case QuantType::kQ4_1: return q4_tile_vnni<true, false>;
+    case QuantType::kQ5_0: return q4_tile_vnni<false, true>;
+    case QuantType::kQ5_1: return q4_tile_vnni<true, true>;
     default: return nullptr;
   }
 }

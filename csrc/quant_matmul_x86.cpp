@@ -27,17 +27,6 @@ LMARITH_AVX2 inline __m256i nibbles_avx2(const uint8_t* qs) {
   return _mm256_set_m128i(high, _mm_and_si128(packed, mask));
 }
 
-// q5's fifth bits (bit j of qh for weight j) as 32 bytes of 0 or 16, in weight order: each
-// byte gets qh's byte j / 8, keeps bit j % 8, and becomes 0xFF where it was set.
-LMARITH_AVX2 inline __m256i fifth_bits_avx2(uint32_t qh) {
-  const __m256i spread = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(static_cast<int32_t>(qh)),
-      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
-  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
-  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
-}
-
 template <int R>
 LMARITH_AVX2 inline void q8_0_avx2(const uint8_t* row, const ActTile& tile,
                             int64_t num_blocks, float* out, int64_t stride) {
