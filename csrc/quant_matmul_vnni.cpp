@@ -35,6 +35,25 @@ LMARITH_VNNI inline __m512i join_vnni(__m256i low, __m256i high) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
 }
 
+// Two consecutive q4 / q5 blocks' quants as 64 u8 in weight order (the first block in bytes
+// 0-31): both blocks' nibble bytes unpacked in one ymm, then their 128-bit quarters put in
+// order; with kFive, 16 added where the blocks' 64 fifth bits (one mask) are set.
+template <bool kFive>
+LMARITH_VNNI inline __m512i quant_pair_vnni(const uint8_t* block, int64_t bytes, int64_t qh,
+                                            int64_t qs) {
+  const __m256i packed = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + qs))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + bytes + qs)), 1);
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m512i halves = join_vnni(_mm256_and_si256(packed, mask),
+                                   _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask));
+  const __m512i quants = _mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0));
+  if (!kFive) return quants;
+  const __mmask64 fifth = static_cast<__mmask64>(load_u32(block + qh)) |
+                          static_cast<__mmask64>(load_u32(block + bytes + qh)) << 32;
+  return _mm512_mask_add_epi8(quants, fifth, quants, _mm512_set1_epi8(16));
+}
+
 // Two blocks' scales, one per 8-lane half.
 LMARITH_VNNI inline __m512 pair_scale(float first, float second) {
   return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(first), _mm512_set1_ps(second));
@@ -156,8 +175,7 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
   int64_t b = 0;
   for (; b + 2 <= num_blocks; b += 2) {
     const uint8_t* block = row + b * kBytes;
-    const __m512i u = join_vnni(quants_vnni<kFive>(block, kQh, kQs),
-                                quants_vnni<kFive>(block + kBytes, kQh, kQs));
+    const __m512i u = quant_pair_vnni<kFive>(block, kBytes, kQh, kQs);
     __m512i dots[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
