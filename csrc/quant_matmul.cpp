@@ -59,27 +59,25 @@ void quantize_input_row(const void* x, LogitsDtype dtype, int64_t r, int64_t k, 
 }
 
 // Quantised activations of all M rows, plus the copies of the scales and sums the SIMD
-// kernels read (ActTile's d_wide, d_t, sum_t).
+// kernels read (ActTile's d_wide, dsum_t).
 struct Activations {
   int64_t m, k, nb, tiles;
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int32_t> sum;
-  std::vector<float> d_wide, d_t, sum_t;
+  std::vector<float> d_wide, dsum_t;
 
   Activations(const void* x, LogitsDtype dtype, int64_t m_, int64_t k_)
       : m(m_), k(k_), nb(k_ / kActBlock), tiles((m_ + kTile - 1) / kTile), q(m * k),
-        d(m * nb), sum(m * nb), d_wide(m * nb * 8), d_t(tiles * nb * kTile, 0.0f),
-        sum_t(tiles * nb * kTile, 0.0f) {
+        d(m * nb), sum(m * nb), d_wide(m * nb * 8),
+        dsum_t(tiles * nb * kTile, 0.0f) {
 #pragma omp parallel for schedule(static) if (m * k > (1 << 15))
     for (int64_t r = 0; r < m; ++r) {
       quantize_input_row(x, dtype, r, k, q.data(), d.data(), sum.data());
-      float* dt = d_t.data() + (r / kTile) * nb * kTile + r % kTile;
-      float* st = sum_t.data() + (r / kTile) * nb * kTile + r % kTile;
+      float* dsum = dsum_t.data() + (r / kTile) * nb * kTile + r % kTile;
       for (int64_t b = 0; b < nb; ++b) {
         std::fill_n(d_wide.data() + (r * nb + b) * 8, 8, d[r * nb + b]);
-        dt[b * kTile] = d[r * nb + b];
-        st[b * kTile] = static_cast<float>(sum[r * nb + b]);
+        dsum[b * kTile] = d[r * nb + b] * static_cast<float>(sum[r * nb + b]);
       }
     }
   }
@@ -93,8 +91,7 @@ struct Activations {
     const int64_t first = t * kTile;
     const int rows = static_cast<int>(std::min<int64_t>(kTile, m - first));
     return {q.data() + first * k, d.data() + first * nb, d_wide.data() + first * nb * 8,
-            d_t.data() + t * nb * kTile,
-            sum_t.data() + t * nb * kTile, k, nb, rows};
+            dsum_t.data() + t * nb * kTile, k, nb, rows};
   }
 };
 

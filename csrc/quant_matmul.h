@@ -35,15 +35,14 @@ constexpr int kTile = 8;
 
 // A tile of 1..kTile quantised activation rows: row r's int8 at q + r * k, its block scales at
 // d + r * nb, and again each repeated 8 times at d_wide + r * nb * 8 (one 512-bit load gives
-// blocks b, b + 1 in the lane halves VNNI's two-block step uses); d_t / sum_t [nb][kTile] hold
-// block b's scales / integer sums (as float) of the tile's rows side by side (zero past
-// `rows`), for the per-block offset terms of all rows in one vector.
+// blocks b, b + 1 in the lane halves VNNI's two-block step uses); dsum_t [nb][kTile] holds
+// block b's scale times integer sum, d_x * sum_x, of the tile's rows side by side (zero past
+// `rows`), for the per-block offset terms of all rows in one vector (one fma a block).
 struct ActTile {
   const int8_t* q;
   const float* d;
   const float* d_wide;
-  const float* d_t;
-  const float* sum_t;
+  const float* dsum_t;
   int64_t k, nb;
   int rows;
 };

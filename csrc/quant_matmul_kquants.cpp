@@ -51,9 +51,8 @@ LMARITH_AVX2 void q4_k_avx2(const uint8_t* row, const ActTile& tile, int64_t num
         for (int r = 0; r < R; ++r)
           dots[r] = dot_avx2(nibbles[half], load_x_avx2(tile, r, b));
         scale_add_avx2<R>(acc, dots, d * scales[sub], tile, b);
-        const __m256 dx = _mm256_loadu_ps(tile.d_t + b * kTile);
-        const __m256 sum = _mm256_loadu_ps(tile.sum_t + b * kTile);
-        offsets = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin * mins[sub]), dx), sum, offsets);
+        offsets = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * mins[sub]),
+                                   _mm256_loadu_ps(tile.dsum_t + b * kTile), offsets);
       }
     }
   }

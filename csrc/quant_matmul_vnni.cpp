@@ -54,9 +54,18 @@ LMARITH_VNNI inline __m512i quant_pair_vnni(const uint8_t* block, int64_t bytes,
   return _mm512_mask_add_epi8(quants, fifth, quants, _mm512_set1_epi8(16));
 }
 
-// Two blocks' scales, one per 8-lane half.
-LMARITH_VNNI inline __m512 pair_scale(float first, float second) {
-  return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(first), _mm512_set1_ps(second));
+// Two blocks' fp16 scales (at `first`, `second`) as floats, one per 8-lane half: two word
+// broadcasts and one conversion.
+LMARITH_VNNI inline __m512 half_pair_vnni(const uint8_t* first, const uint8_t* second) {
+  const __m256i halves = _mm256_mask_set1_epi16(_mm256_set1_epi16(static_cast<int16_t>(load_u16(first))),
+                                                0xFF00, static_cast<int16_t>(load_u16(second)));
+  return _mm512_cvtph_ps(halves);
+}
+
+// The 8-lane halves of a pair's scales.
+LMARITH_VNNI inline __m256 low_half(__m512 v) { return _mm512_castps512_ps256(v); }
+LMARITH_VNNI inline __m256 high_half(__m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
 }
 
 LMARITH_VNNI inline float hsum_vnni(__m256i v) {
@@ -127,18 +136,16 @@ LMARITH_VNNI inline void q8_0_vnni(const uint8_t* row, const ActTile& tile,
       const __m512i signed_x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
       dots[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, signed_x);
     }
-    scale_add_vnni<R>(acc, dots, pair_scale(half_vnni(block), half_vnni(block + 34)), tile, b);
+    scale_add_vnni<R>(acc, dots, half_pair_vnni(block, block + 34), tile, b);
   }
   if (b < num_blocks) q8_0_tail<R>(row + b * 34, tile, b, tail);
   store_vnni<R>(acc, tail, _mm256_setzero_ps(), 0.0f, out, stride);
 }
 
-// The tile's offset terms of block b, (c * d_x) * sum_x per row (lane): c is q4_1's min, or
+// The tile's offset terms of block b, c * (d_x * sum_x) per row (lane): c is q4_1's min, or
 // q4_0's d (the -8 is applied once at the end, exactly, as a power of two).
-LMARITH_VNNI inline __m256 offsets_vnni(__m256 acc, float c, const ActTile& tile, int64_t b) {
-  const __m256 dx = _mm256_loadu_ps(tile.d_t + b * kTile);
-  const __m256 sum = _mm256_loadu_ps(tile.sum_t + b * kTile);
-  return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c), dx), sum));
+LMARITH_VNNI inline __m256 offsets_vnni(__m256 acc, __m256 c, const ActTile& tile, int64_t b) {
+  return _mm256_fmadd_ps(c, _mm256_loadu_ps(tile.dsum_t + b * kTile), acc);
 }
 
 // A q4 block's 32 quants as u8; with kFive, q5's, whose fifth bits are the 4 bytes at qh.
@@ -181,15 +188,16 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
     for (int r = 0; r < R; ++r)
       dots[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u,
                                     _mm512_loadu_si512(x_at(tile, r, b)));
-    const float d0 = half_vnni(block), d1 = half_vnni(block + kBytes);
-    scale_add_vnni<R>(acc, dots, pair_scale(d0, d1), tile, b);
-    offsets = offsets_vnni(offsets, kHasMin ? half_vnni(block + 2) : d0, tile, b);
-    offsets = offsets_vnni(offsets, kHasMin ? half_vnni(block + kBytes + 2) : d1, tile, b + 1);
+    const __m512 scales = half_pair_vnni(block, block + kBytes);
+    scale_add_vnni<R>(acc, dots, scales, tile, b);
+    const __m512 c = kHasMin ? half_pair_vnni(block + 2, block + kBytes + 2) : scales;
+    offsets = offsets_vnni(offsets, low_half(c), tile, b);
+    offsets = offsets_vnni(offsets, high_half(c), tile, b + 1);
   }
   if (b < num_blocks) {
     const uint8_t* block = row + b * kBytes;
     q4_tail<kFive, R>(block, kQh, kQs, tile, b, tail);
-    offsets = offsets_vnni(offsets, half_vnni(kHasMin ? block + 2 : block), tile, b);
+    offsets = offsets_vnni(offsets, _mm256_set1_ps(half_vnni(kHasMin ? block + 2 : block)), tile, b);
   }
   store_vnni<R>(acc, tail, offsets, kOffsetFactor, out, stride);
 }

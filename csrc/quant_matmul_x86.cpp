@@ -45,12 +45,10 @@ LMARITH_AVX2 inline void q8_0_avx2(const uint8_t* row, const ActTile& tile,
   store_avx2<R>(acc, _mm256_setzero_ps(), 0.0f, out, stride);
 }
 
-// The tile's offset terms of block b, (c * d_x) * sum_x per row (lane): c is q4_1's / q5_1's
+// The tile's offset terms of block b, c * (d_x * sum_x) per row (lane): c is q4_1's / q5_1's
 // min, or q4_0's / q5_0's d (the -8 / -16 is applied once at the end, exactly, as a power of two).
 LMARITH_AVX2 inline __m256 offsets_avx2(__m256 acc, float c, const ActTile& tile, int64_t b) {
-  const __m256 dx = _mm256_loadu_ps(tile.d_t + b * kTile);
-  const __m256 sum = _mm256_loadu_ps(tile.sum_t + b * kTile);
-  return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c), dx), sum));
+  return _mm256_fmadd_ps(_mm256_set1_ps(c), _mm256_loadu_ps(tile.dsum_t + b * kTile), acc);
 }
 
 // q4_0 (kHasMin false: w = d * (q - 8)) and q4_1 (true: w = d * q + m); with kFive, q5_0
