@@ -13,7 +13,7 @@
 // the scalar ones go row by row.
 // This file holds the driver; csrc/quant_matmul_scalar.cpp the portable scalar kernels,
 // csrc/quant_matmul_x86.cpp and csrc/quant_matmul_kquants.cpp the AVX2 ones (the VNNI path
-// runs the K-quants' AVX2 kernels), csrc/quant_matmul_vnni.cpp the AVX512-VNNI ones.
+// runs q6_k's AVX2 kernel), csrc/quant_matmul_vnni.cpp the AVX512-VNNI ones.
 #include "quant_matmul.h"
 
 #include <algorithm>

@@ -99,6 +99,15 @@ inline uint32_t load_u32(const uint8_t* bytes) {
   return value;
 }
 
+// ggml's get_scale_min_k4: q4_k's 12 packed bytes -> 8 six-bit scales and mins.
+inline void k4_scales(const uint8_t* packed, uint8_t* scales, uint8_t* mins) {
+  for (int j = 0; j < 4; ++j) scales[j] = packed[j] & 63, mins[j] = packed[j + 4] & 63;
+  for (int j = 4; j < 8; ++j) {
+    scales[j] = (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4);
+    mins[j] = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+  }
+}
+
 // The per-format kernels of each path: scalar row dots (every format), AVX2 / VNNI tile dots
 // (nullptr where a path has none for that format; the driver then uses the scalar one).
 RowDot scalar_row_dot(QuantType qtype);

@@ -1,6 +1,6 @@
 // quant_matmul's AVX2 kernels of the K-quants (q4_k, q6_k; driver and scalar kernels:
 // csrc/quant_matmul.cpp, the 32-block formats' AVX2 kernels: csrc/quant_matmul_x86.cpp). The
-// VNNI path uses these too. A super-block of 256 weights is 8 activation 32-blocks; each is
+// VNNI path uses q6_k's (q4_k has its own in csrc/quant_matmul_vnni.cpp). A super-block of 256 weights is 8 activation 32-blocks; each is
 // unpacked once per tile of R activation rows and its integer dot is exact:
 // q4_k: u8 nibbles x s8 x (_mm256_maddubs_epi16), scaled per 32-block by d * scale, the mins
 //   through the activation block sums (dmin * min * d_x * sum_x, subtracted);
@@ -15,15 +15,6 @@
 namespace lmarith {
 namespace quant {
 namespace {
-
-// ggml's get_scale_min_k4: q4_k's 12 packed bytes -> 8 six-bit scales and mins.
-inline void k4_scales(const uint8_t* packed, uint8_t* scales, uint8_t* mins) {
-  for (int j = 0; j < 4; ++j) scales[j] = packed[j] & 63, mins[j] = packed[j + 4] & 63;
-  for (int j = 4; j < 8; ++j) {
-    scales[j] = (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4);
-    mins[j] = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
-  }
-}
 
 // q4_k super-block: 2 fp16 (d, dmin), 12 bytes of scales / mins, 4 groups of 32 bytes (group
 // g: sub-block 2g in the low nibbles, 2g + 1 in the high ones).

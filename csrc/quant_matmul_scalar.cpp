@@ -71,18 +71,6 @@ float dot_q5(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
   return total;
 }
 
-// ggml's get_scale_min_k4: q4_k's 12 packed bytes -> 8 six-bit scales and mins.
-void k4_scales(const uint8_t* packed, uint8_t* scales, uint8_t* mins) {
-  for (int j = 0; j < 4; ++j) {
-    scales[j] = packed[j] & 63;
-    mins[j] = packed[j + 4] & 63;
-  }
-  for (int j = 4; j < 8; ++j) {
-    scales[j] = (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4);
-    mins[j] = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
-  }
-}
-
 // q4_k: 256-weight super-blocks of 8 sub-blocks (one activation block each); group g's 32
 // bytes hold sub-block 2g in the low nibbles and 2g + 1 in the high ones.
 float dot_q4_k(const uint8_t* row, const ActRow& act, int64_t num_blocks) {

@@ -202,7 +202,43 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
   store_vnni<R>(acc, tail, offsets, kOffsetFactor, out, stride);
 }
 
+// q4_k: a super-block's group g (32 bytes) holds sub-blocks 2g (low nibbles) and 2g + 1 (high),
+// which are activation blocks b, b + 1: one load gives a dpbusd pair, scaled per half by
+// d * scale; the mins go through the activation sums (dmin * min * d_x * sum_x, subtracted).
+template <int R>
+LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
+                                   float* out, int64_t stride) {
+  __m512 acc[R];
+  const float no_tail[R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m256 offsets = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t s = 0; s < num_blocks; ++s) {
+    const uint8_t* block = row + s * 144;
+    const float d = half_vnni(block), dmin = half_vnni(block + 2);
+    uint8_t scales[8], mins[8];
+    k4_scales(block + 4, scales, mins);
+    for (int g = 0; g < 4; ++g) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * g));
+      const __m512i u = join_vnni(_mm256_and_si256(packed, mask),
+                                  _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask));
+      const int64_t b = s * 8 + 2 * g;
+      __m512i dots[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        dots[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x_at(tile, r, b)));
+      const __m512 pair = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d * scales[2 * g]),
+                                               _mm512_set1_ps(d * scales[2 * g + 1]));
+      scale_add_vnni<R>(acc, dots, pair, tile, b);
+      offsets = offsets_vnni(offsets, _mm256_set1_ps(dmin * mins[2 * g]), tile, b);
+      offsets = offsets_vnni(offsets, _mm256_set1_ps(dmin * mins[2 * g + 1]), tile, b + 1);
+    }
+  }
+  store_vnni<R>(acc, no_tail, offsets, -1.0f, out, stride);
+}
+
 #define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_vnni<R>)
+#define LMARITH_CALL_Q4_K(R) LMARITH_ROWS(q4_k_vnni<R>)
 #define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_vnni<kHasMin, kFive, R>))
 
 // The TileDots: the tile height picked at run time, once per call.
@@ -210,6 +246,12 @@ LMARITH_VNNI void q8_0_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t
                                  const ActTile& tile, int64_t num_blocks, float* out,
                                  int64_t stride) {
   LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q8_0)
+}
+
+LMARITH_VNNI void q4_k_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                                 const ActTile& tile, int64_t num_blocks, float* out,
+                                 int64_t stride) {
+  LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q4_K)
 }
 
 template <bool kHasMin, bool kFive>
@@ -228,6 +270,7 @@ TileDot vnni_tile_dot(QuantType qtype) {
     case QuantType::kQ4_1: return q4_tile_vnni<true, false>;
     case QuantType::kQ5_0: return q4_tile_vnni<false, true>;
     case QuantType::kQ5_1: return q4_tile_vnni<true, true>;
+    case QuantType::kQ4_K: return q4_k_tile_vnni;
     default: return nullptr;
   }
 }
