@@ -1,5 +1,6 @@
-// Internals of quant_matmul (csrc/quant_matmul.cpp: driver, activation quantisation, scalar
-// kernels; csrc/quant_matmul_x86.cpp: AVX2 kernels and CPU detection;
+// Internals of quant_matmul (csrc/quant_matmul.cpp: driver, activation quantisation;
+// csrc/quant_matmul_scalar.cpp: scalar kernels; csrc/quant_matmul_x86.cpp: AVX2 kernels and
+// CPU detection;
 // csrc/quant_matmul_kquants.cpp: the K-quants' AVX2 kernels; csrc/quant_matmul_vnni.cpp:
 // AVX512-VNNI kernels; the SIMD ones are chosen at run time).
 // Weights stay in GGML's block layout (kernels/quant_formats.py) and are read once; the
