@@ -63,5 +63,17 @@ LMARITH_AVX2 inline __m256i fifth_bits_avx2(uint32_t qh) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
+// The 32 six-bit quants of q6_k's part `part` (0-3) of half `half` (0-1) of a super-block:
+// weights 128 * half + 32 * part + l, in ggml's dequantize_row_q6_K order.
+LMARITH_AVX2 inline __m256i q6_quants_avx2(const uint8_t* block, int half, int part) {
+  const uint8_t* ql = block + 64 * half + (part & 1) * 32;
+  const uint8_t* qh = block + 128 + 32 * half;
+  const __m256i low4 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+  const __m256i high2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+  const __m256i low = _mm256_and_si256(_mm256_srli_epi16(low4, (part / 2) * 4), _mm256_set1_epi8(0x0F));
+  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(high2, 2 * part), _mm256_set1_epi8(3));
+  return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+}
+
 }  // namespace quant
 }  // namespace lmarith

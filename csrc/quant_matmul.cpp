@@ -12,8 +12,8 @@
 // (nibbles, fp16 scales) once per tile and keeping one fp32 accumulator per row in registers;
 // the scalar ones go row by row.
 // This file holds the driver; csrc/quant_matmul_scalar.cpp the portable scalar kernels,
-// csrc/quant_matmul_x86.cpp and csrc/quant_matmul_kquants.cpp the AVX2 ones (the VNNI path
-// runs q6_k's AVX2 kernel), csrc/quant_matmul_vnni.cpp the AVX512-VNNI ones.
+// csrc/quant_matmul_x86.cpp and csrc/quant_matmul_kquants.cpp the AVX2 ones,
+// csrc/quant_matmul_vnni.cpp and csrc/quant_matmul_vnni_kquants.cpp the AVX512-VNNI ones.
 #include "quant_matmul.h"
 
 #include <algorithm>

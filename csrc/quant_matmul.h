@@ -1,8 +1,8 @@
 // Internals of quant_matmul (csrc/quant_matmul.cpp: driver, activation quantisation;
 // csrc/quant_matmul_scalar.cpp: scalar kernels; csrc/quant_matmul_x86.cpp: AVX2 kernels and
-// CPU detection;
-// csrc/quant_matmul_kquants.cpp: the K-quants' AVX2 kernels; csrc/quant_matmul_vnni.cpp:
-// AVX512-VNNI kernels; the SIMD ones are chosen at run time).
+// CPU detection; csrc/quant_matmul_kquants.cpp: the K-quants' AVX2 kernels;
+// csrc/quant_matmul_vnni.cpp and _vnni_kquants.cpp (helpers: csrc/quant_vnni.h): AVX512-VNNI
+// kernels; the SIMD ones are chosen at run time).
 // Weights stay in GGML's block layout (kernels/quant_formats.py) and are read once; the
 // activations are quantised per 32-block to int8 with an fp32 scale and their integer block
 // sum, so every block's dot product is an exact int8 x int4/int8 integer sum.
@@ -115,6 +115,7 @@ RowDot scalar_row_dot(QuantType qtype);
 TileDot avx2_tile_dot(QuantType qtype);
 TileDot avx2_kquant_tile_dot(QuantType qtype);   // q4_k, q6_k (csrc/quant_matmul_kquants.cpp)
 TileDot vnni_tile_dot(QuantType qtype);
+TileDot vnni_kquant_tile_dot(QuantType qtype);   // q4_k, q6_k (csrc/quant_matmul_vnni_kquants.cpp)
 
 // Whether this CPU runs the AVX2 (avx2, fma, f16c) / VNNI (+ avx512f/bw/vl/vnni) kernels.
 bool cpu_has_avx2();

@@ -1,7 +1,7 @@
-// quant_matmul's AVX2 kernels of the K-quants (q4_k, q6_k; driver and scalar kernels:
-// csrc/quant_matmul.cpp, the 32-block formats' AVX2 kernels: csrc/quant_matmul_x86.cpp). The
-// VNNI path uses q6_k's (q4_k has its own in csrc/quant_matmul_vnni.cpp). A super-block of 256 weights is 8 activation 32-blocks; each is
-// unpacked once per tile of R activation rows and its integer dot is exact:
+// quant_matmul's AVX2 kernels of the K-quants (q4_k, q6_k; driver: csrc/quant_matmul.cpp,
+// the 32-block formats' AVX2 kernels: csrc/quant_matmul_x86.cpp, the VNNI ones of the
+// K-quants: csrc/quant_matmul_vnni_kquants.cpp). A super-block of 256 weights is 8
+// activation 32-blocks; each is unpacked once per tile of R activation rows and its integer dot is exact:
 // q4_k: u8 nibbles x s8 x (_mm256_maddubs_epi16), scaled per 32-block by d * scale, the mins
 //   through the activation block sums (dmin * min * d_x * sum_x, subtracted);
 // q6_k: u8 six-bit q x s8 x minus 32 * x, both with maddubs (pairs of at most 2 * 63 * 127),
@@ -50,18 +50,6 @@ LMARITH_AVX2 void q4_k_avx2(const uint8_t* row, const ActTile& tile, int64_t num
   store_avx2<R>(acc, offsets, 1.0f, out, stride);
 }
 
-// The 32 six-bit quants of q6_k's part `part` (0-3) of half `half` (0-1) of a super-block:
-// weights 128 * half + 32 * part + l, in ggml's dequantize_row_q6_K order.
-LMARITH_AVX2 inline __m256i q6_quants(const uint8_t* block, int half, int part) {
-  const uint8_t* ql = block + 64 * half + (part & 1) * 32;
-  const uint8_t* qh = block + 128 + 32 * half;
-  const __m256i low4 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-  const __m256i high2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
-  const __m256i low = _mm256_and_si256(_mm256_srli_epi16(low4, (part / 2) * 4), _mm256_set1_epi8(0x0F));
-  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(high2, 2 * part), _mm256_set1_epi8(3));
-  return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-}
-
 // q6_k super-block: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales (one per
 // 16 weights), fp16 d at byte 208.
 template <int R>
@@ -77,7 +65,7 @@ LMARITH_AVX2 void q6_k_avx2(const uint8_t* row, const ActTile& tile, int64_t num
     for (int half = 0; half < 2; ++half)
       for (int part = 0; part < 4; ++part) {
         const int first = 8 * half + 2 * part;   // the 32-block's two 16-weight sub-blocks
-        const __m256i q = q6_quants(block, half, part);
+        const __m256i q = q6_quants_avx2(block, half, part);
         const __m256i sub_scales = _mm256_set_m128i(_mm_set1_epi16(scales[first + 1]),
                                                     _mm_set1_epi16(scales[first]));
         const int64_t b = s * 8 + 4 * half + part;

@@ -1,27 +1,21 @@
-// quant_matmul's AVX512-VNNI kernels (driver: csrc/quant_matmul.cpp; AVX2 kernels and the CPU
-// detection: csrc/quant_matmul_x86.cpp). _mm512_dpbusd_epi32 (u8 x s8, four products summed
+// quant_matmul's AVX512-VNNI kernels of the 32-block formats (driver: csrc/quant_matmul.cpp;
+// shared building blocks: csrc/quant_vnni.h; the K-quants: csrc/quant_matmul_vnni_kquants.cpp;
+// AVX2 kernels and the CPU detection: csrc/quant_matmul_x86.cpp). _mm512_dpbusd_epi32 (u8 x s8, four products summed
 // into i32) takes two blocks per step (lanes 0-7 the first block, 8-15 the second), and
 // _mm256_dpbusd_epi32 an odd tail; the integer dots are exact. The unsigned operand is the
 // weight's nibbles (q4_0 / q4_1: the -8 or the min go through the activation block sums; q5
-// adds the fifth bits and -16) or,
-// for q8_0, |w| with the sign moved onto the activations.
+// adds the fifth bits and -16) or, for q8_0, |w| with the sign moved onto the activations.
 // A kernel takes one weight row and a tile of R activation rows (ActTile): each pair of
 // blocks is loaded and unpacked once and applied to the R rows, whose fp32 accumulators (one
 // zmm each) stay in registers; the per-block offset terms of all R rows go in one ymm.
 #include "quant_matmul.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-
-#include "quant_avx2.h"   // fifth_bits_avx2 (an AVX2 function inlines into VNNI ones)
-
-#define LMARITH_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#include "quant_vnni.h"
 
 namespace lmarith {
 namespace quant {
 namespace {
-
-LMARITH_VNNI inline float half_vnni(const uint8_t* bytes) { return _cvtsh_ss(load_u16(bytes)); }
 
 // 16 nibble bytes -> 32 u8 in weight order (low nibbles = weights 0-15, high = 16-31).
 LMARITH_VNNI inline __m256i nibbles_vnni(const uint8_t* qs) {
@@ -29,10 +23,6 @@ LMARITH_VNNI inline __m256i nibbles_vnni(const uint8_t* qs) {
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
   return _mm256_set_m128i(high, _mm_and_si128(packed, mask));
-}
-
-LMARITH_VNNI inline __m512i join_vnni(__m256i low, __m256i high) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
 }
 
 // Two consecutive q4 / q5 blocks' quants as 64 u8 in weight order (the first block in bytes
@@ -54,51 +44,11 @@ LMARITH_VNNI inline __m512i quant_pair_vnni(const uint8_t* block, int64_t bytes,
   return _mm512_mask_add_epi8(quants, fifth, quants, _mm512_set1_epi8(16));
 }
 
-// Two blocks' fp16 scales (at `first`, `second`) as floats, one per 8-lane half: two word
-// broadcasts and one conversion.
-LMARITH_VNNI inline __m512 half_pair_vnni(const uint8_t* first, const uint8_t* second) {
-  const __m256i halves = _mm256_mask_set1_epi16(_mm256_set1_epi16(static_cast<int16_t>(load_u16(first))),
-                                                0xFF00, static_cast<int16_t>(load_u16(second)));
-  return _mm512_cvtph_ps(halves);
-}
-
-// The 8-lane halves of a pair's scales.
-LMARITH_VNNI inline __m256 low_half(__m512 v) { return _mm512_castps512_ps256(v); }
-LMARITH_VNNI inline __m256 high_half(__m512 v) {
-  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-}
-
 LMARITH_VNNI inline float hsum_vnni(__m256i v) {
   __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
   sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xB1));
   return static_cast<float>(_mm_cvtsi128_si32(sum));
-}
-
-LMARITH_VNNI inline const int8_t* x_at(const ActTile& tile, int r, int64_t b) {
-  return tile.q + r * tile.k + b * kActBlock;
-}
-
-// acc[r] += dots[r] * (the pair's weight scales times row r's d_x of blocks b, b + 1).
-template <int R>
-LMARITH_VNNI inline void scale_add_vnni(__m512* acc, const __m512i* dots, __m512 w_scales,
-                                        const ActTile& tile, int64_t b) {
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const __m512 x_scales = _mm512_loadu_ps(tile.d_wide + (r * tile.nb + b) * 8);
-    const __m512 scale = _mm512_mul_ps(w_scales, x_scales);
-    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
-  }
-}
-
-// out[r * stride] = the sum of acc[r], tail[r] and lane r of `offsets` times offset_factor.
-template <int R>
-LMARITH_VNNI inline void store_vnni(const __m512* acc, const float* tail, __m256 offsets,
-                                    float offset_factor, float* out, int64_t stride) {
-  alignas(32) float lanes[kTile];
-  _mm256_store_ps(lanes, offsets);
-  for (int r = 0; r < R; ++r)
-    out[r * stride] = _mm512_reduce_add_ps(acc[r]) + tail[r] + offset_factor * lanes[r];
 }
 
 // q8_0's odd last block for each row: |w| times x with w's sign, 256-bit form.
@@ -140,12 +90,6 @@ LMARITH_VNNI inline void q8_0_vnni(const uint8_t* row, const ActTile& tile,
   }
   if (b < num_blocks) q8_0_tail<R>(row + b * 34, tile, b, tail);
   store_vnni<R>(acc, tail, _mm256_setzero_ps(), 0.0f, out, stride);
-}
-
-// The tile's offset terms of block b, c * (d_x * sum_x) per row (lane): c is q4_1's min, or
-// q4_0's d (the -8 is applied once at the end, exactly, as a power of two).
-LMARITH_VNNI inline __m256 offsets_vnni(__m256 acc, __m256 c, const ActTile& tile, int64_t b) {
-  return _mm256_fmadd_ps(c, _mm256_loadu_ps(tile.dsum_t + b * kTile), acc);
 }
 
 // A q4 block's 32 quants as u8; with kFive, q5's, whose fifth bits are the 4 bytes at qh.
@@ -202,43 +146,7 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
   store_vnni<R>(acc, tail, offsets, kOffsetFactor, out, stride);
 }
 
-// q4_k: a super-block's group g (32 bytes) holds sub-blocks 2g (low nibbles) and 2g + 1 (high),
-// which are activation blocks b, b + 1: one load gives a dpbusd pair, scaled per half by
-// d * scale; the mins go through the activation sums (dmin * min * d_x * sum_x, subtracted).
-template <int R>
-LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
-                                   float* out, int64_t stride) {
-  __m512 acc[R];
-  const float no_tail[R] = {};
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  __m256 offsets = _mm256_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  for (int64_t s = 0; s < num_blocks; ++s) {
-    const uint8_t* block = row + s * 144;
-    const float d = half_vnni(block), dmin = half_vnni(block + 2);
-    uint8_t scales[8], mins[8];
-    k4_scales(block + 4, scales, mins);
-    for (int g = 0; g < 4; ++g) {
-      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * g));
-      const __m512i u = join_vnni(_mm256_and_si256(packed, mask),
-                                  _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask));
-      const int64_t b = s * 8 + 2 * g;
-      __m512i dots[R];
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-        dots[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x_at(tile, r, b)));
-      const __m512 pair = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d * scales[2 * g]),
-                                               _mm512_set1_ps(d * scales[2 * g + 1]));
-      scale_add_vnni<R>(acc, dots, pair, tile, b);
-      offsets = offsets_vnni(offsets, _mm256_set1_ps(dmin * mins[2 * g]), tile, b);
-      offsets = offsets_vnni(offsets, _mm256_set1_ps(dmin * mins[2 * g + 1]), tile, b + 1);
-    }
-  }
-  store_vnni<R>(acc, no_tail, offsets, -1.0f, out, stride);
-}
-
 #define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_vnni<R>)
-#define LMARITH_CALL_Q4_K(R) LMARITH_ROWS(q4_k_vnni<R>)
 #define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_vnni<kHasMin, kFive, R>))
 
 // The TileDots: the tile height picked at run time, once per call.
@@ -246,12 +154,6 @@ LMARITH_VNNI void q8_0_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t
                                  const ActTile& tile, int64_t num_blocks, float* out,
                                  int64_t stride) {
   LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q8_0)
-}
-
-LMARITH_VNNI void q4_k_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,
-                                 const ActTile& tile, int64_t num_blocks, float* out,
-                                 int64_t stride) {
-  LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q4_K)
 }
 
 template <bool kHasMin, bool kFive>
@@ -270,8 +172,7 @@ TileDot vnni_tile_dot(QuantType qtype) {
     case QuantType::kQ4_1: return q4_tile_vnni<true, false>;
     case QuantType::kQ5_0: return q4_tile_vnni<false, true>;
     case QuantType::kQ5_1: return q4_tile_vnni<true, true>;
-    case QuantType::kQ4_K: return q4_k_tile_vnni;
-    default: return nullptr;
+    default: return vnni_kquant_tile_dot(qtype);
   }
 }
 

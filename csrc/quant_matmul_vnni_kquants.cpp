@@ -1,0 +1,117 @@
+// quant_matmul's AVX512-VNNI kernels of the K-quants (q4_k, q6_k; the shared building blocks:
+// csrc/quant_vnni.h; the AVX2 ones: csrc/quant_matmul_kquants.cpp). A super-block of 256
+// weights is 8 activation 32-blocks, taken two at a time, one vpdpbusd pair each; the
+// integer dots are exact.
+#include "quant_matmul.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include "quant_vnni.h"
+
+namespace lmarith {
+namespace quant {
+namespace {
+
+// q4_k: a super-block's group g (32 bytes) holds sub-blocks 2g (low nibbles) and 2g + 1 (high),
+// which are activation blocks b, b + 1: one load gives a dpbusd pair, scaled per half by
+// d * scale; the mins go through the activation sums (dmin * min * d_x * sum_x, subtracted).
+template <int R>
+LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
+                                   float* out, int64_t stride) {
+  __m512 acc[R];
+  const float no_tail[R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m256 offsets = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t s = 0; s < num_blocks; ++s) {
+    const uint8_t* block = row + s * 144;
+    const float d = half_vnni(block), dmin = half_vnni(block + 2);
+    uint8_t scales[8], mins[8];
+    k4_scales(block + 4, scales, mins);
+    for (int g = 0; g < 4; ++g) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * g));
+      const __m512i u = join_vnni(_mm256_and_si256(packed, mask),
+                                  _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask));
+      const int64_t b = s * 8 + 2 * g;
+      __m512i dots[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        dots[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x_at(tile, r, b)));
+      const __m512 pair = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d * scales[2 * g]),
+                                               _mm512_set1_ps(d * scales[2 * g + 1]));
+      scale_add_vnni<R>(acc, dots, pair, tile, b);
+      offsets = offsets_vnni(offsets, _mm256_set1_ps(dmin * mins[2 * g]), tile, b);
+      offsets = offsets_vnni(offsets, _mm256_set1_ps(dmin * mins[2 * g + 1]), tile, b + 1);
+    }
+  }
+  store_vnni<R>(acc, no_tail, offsets, -1.0f, out, stride);
+}
+
+// q6_k: parts p, p + 1 of a half are activation blocks b, b + 1, one vpdpbusd pair of the
+// six-bit quants minus one of 32s (exact: q - 32 per weight); each 4-lane group of the i32
+// sums lies in one 16-weight sub-block, so the int8 sub-block scales (times d) scale the
+// lanes in float.
+template <int R>
+LMARITH_VNNI inline void q6_k_vnni(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
+                                   float* out, int64_t stride) {
+  __m512 acc[R];
+  const float no_tail[R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i thirty_two = _mm512_set1_epi8(32);
+  const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t s = 0; s < num_blocks; ++s) {
+    const uint8_t* block = row + s * 210;
+    const __m512 d = _mm512_set1_ps(half_vnni(block + 208));
+    for (int half = 0; half < 2; ++half)
+      for (int part = 0; part < 4; part += 2) {
+        const __m512i q = join_vnni(q6_quants_avx2(block, half, part), q6_quants_avx2(block, half, part + 1));
+        const __m128i sub = _mm_cvtsi32_si128(static_cast<int>(load_u32(block + 192 + 8 * half + 2 * part)));
+        const __m512 scales = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(sub, spread))));
+        const int64_t b = s * 8 + 4 * half + part;
+        __m512i dots[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m512i x = _mm512_loadu_si512(x_at(tile, r, b));
+          dots[r] = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x),
+                                     _mm512_dpbusd_epi32(_mm512_setzero_si512(), thirty_two, x));
+        }
+        scale_add_vnni<R>(acc, dots, scales, tile, b);
+      }
+  }
+  store_vnni<R>(acc, no_tail, _mm256_setzero_ps(), 0.0f, out, stride);
+}
+
+#define LMARITH_CALL_Q4_K(R) LMARITH_ROWS(q4_k_vnni<R>)
+#define LMARITH_CALL_Q6_K(R) LMARITH_ROWS(q6_k_vnni<R>)
+
+LMARITH_VNNI void q4_k_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                                 const ActTile& tile, int64_t num_blocks, float* out,
+                                 int64_t stride) {
+  LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q4_K)
+}
+
+LMARITH_VNNI void q6_k_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                                 const ActTile& tile, int64_t num_blocks, float* out,
+                                 int64_t stride) {
+  LMARITH_TILE_SWITCH(tile.rows, LMARITH_CALL_Q6_K)
+}
+
+}  // namespace
+
+TileDot vnni_kquant_tile_dot(QuantType qtype) {
+  if (qtype == QuantType::kQ4_K) return q4_k_tile_vnni;
+  if (qtype == QuantType::kQ6_K) return q6_k_tile_vnni;
+  return nullptr;
+}
+
+}  // namespace quant
+}  // namespace lmarith
+
+#else  // not x86: the scalar kernels only
+
+namespace lmarith {
+namespace quant {
+TileDot vnni_kquant_tile_dot(QuantType) { return nullptr; }
+}  // namespace quant
+}  // namespace lmarith
+
+#endif

@@ -1,0 +1,71 @@
+// The AVX512-VNNI building blocks quant_matmul's VNNI kernels share (the 32-block formats in
+// csrc/quant_matmul_vnni.cpp, the K-quants in csrc/quant_matmul_vnni_kquants.cpp): a block
+// pair per zmm (lanes 0-7 block b, 8-15 block b + 1), one fp32 zmm accumulator per
+// activation row. Include only from files compiled for x86; every function carries its own
+// target attribute.
+#pragma once
+
+#include <immintrin.h>
+
+#include "quant_avx2.h"   // AVX2 helpers (fifth bits, q6_k quants) inline into VNNI functions
+#include "quant_matmul.h"
+
+#define LMARITH_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+namespace lmarith {
+namespace quant {
+
+LMARITH_VNNI inline float half_vnni(const uint8_t* bytes) { return _cvtsh_ss(load_u16(bytes)); }
+
+LMARITH_VNNI inline __m512i join_vnni(__m256i low, __m256i high) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
+
+// Two blocks' fp16 scales (at `first`, `second`) as floats, one per 8-lane half: two word
+// broadcasts and one conversion.
+LMARITH_VNNI inline __m512 half_pair_vnni(const uint8_t* first, const uint8_t* second) {
+  const __m256i halves = _mm256_mask_set1_epi16(_mm256_set1_epi16(static_cast<int16_t>(load_u16(first))),
+                                                0xFF00, static_cast<int16_t>(load_u16(second)));
+  return _mm512_cvtph_ps(halves);
+}
+
+// The 8-lane halves of a pair's scales.
+LMARITH_VNNI inline __m256 low_half(__m512 v) { return _mm512_castps512_ps256(v); }
+LMARITH_VNNI inline __m256 high_half(__m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+LMARITH_VNNI inline const int8_t* x_at(const ActTile& tile, int r, int64_t b) {
+  return tile.q + r * tile.k + b * kActBlock;
+}
+
+// acc[r] += dots[r] * (the pair's weight scales times row r's d_x of blocks b, b + 1).
+template <int R>
+LMARITH_VNNI inline void scale_add_vnni(__m512* acc, const __m512i* dots, __m512 w_scales,
+                                        const ActTile& tile, int64_t b) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512 x_scales = _mm512_loadu_ps(tile.d_wide + (r * tile.nb + b) * 8);
+    const __m512 scale = _mm512_mul_ps(w_scales, x_scales);
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
+  }
+}
+
+// out[r * stride] = the sum of acc[r], tail[r] and lane r of `offsets` times offset_factor.
+template <int R>
+LMARITH_VNNI inline void store_vnni(const __m512* acc, const float* tail, __m256 offsets,
+                                    float offset_factor, float* out, int64_t stride) {
+  alignas(32) float lanes[kTile];
+  _mm256_store_ps(lanes, offsets);
+  for (int r = 0; r < R; ++r)
+    out[r * stride] = _mm512_reduce_add_ps(acc[r]) + tail[r] + offset_factor * lanes[r];
+}
+
+// The tile's offset terms of block b, c * (d_x * sum_x) per row (lane): c is q4_1's min, or
+// q4_0's d (the -8 is applied once at the end, exactly, as a power of two).
+LMARITH_VNNI inline __m256 offsets_vnni(__m256 acc, __m256 c, const ActTile& tile, int64_t b) {
+  return _mm256_fmadd_ps(c, _mm256_loadu_ps(tile.dsum_t + b * kTile), acc);
+}
+
+}  // namespace quant
+}  // namespace lmarith
