@@ -1,7 +1,8 @@
 // quant_matmul's AVX2 kernels of the K-quants (q4_k, q6_k; driver: csrc/quant_matmul.cpp,
 // the 32-block formats' AVX2 kernels: csrc/quant_matmul_x86.cpp, the VNNI ones of the
 // K-quants: csrc/quant_matmul_vnni_kquants.cpp). A super-block of 256 weights is 8
-// activation 32-blocks; each is unpacked once per tile of R activation rows and its integer dot is exact:
+// activation 32-blocks; each is unpacked once per tile of R activation rows and its integer
+// dot is exact:
 // q4_k: u8 nibbles x s8 x (_mm256_maddubs_epi16), scaled per 32-block by d * scale, the mins
 //   through the activation block sums (dmin * min * d_x * sum_x, subtracted);
 // q6_k: u8 six-bit q x s8 x minus 32 * x, both with maddubs (pairs of at most 2 * 63 * 127),
