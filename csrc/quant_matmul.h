@@ -100,6 +100,17 @@ inline uint32_t load_u32(const uint8_t* bytes) {
   return value;
 }
 
+// Byte layout of the 32-block nibble formats: q4_0 / q4_1 and, with kFive, q5_0 / q5_1
+// (kHasMin: an fp16 min follows d). kOffsetFactor multiplies a block's offset term c * d_x *
+// sum_x: +1 for the min, -8 / -16 for d (applied once at the end, exactly: a power of two).
+template <bool kHasMin, bool kFive>
+struct NibbleLayout {
+  static constexpr int64_t kQh = kHasMin ? 4 : 2;         // q5: 4 bytes of fifth bits here
+  static constexpr int64_t kQs = kQh + (kFive ? 4 : 0);   // 16 bytes of nibbles here
+  static constexpr int64_t kBytes = kQs + 16;
+  static constexpr float kOffsetFactor = kHasMin ? 1.0f : kFive ? -16.0f : -8.0f;
+};
+
 // ggml's get_scale_min_k4: q4_k's 12 packed bytes -> 8 six-bit scales and mins.
 inline void k4_scales(const uint8_t* packed, uint8_t* scales, uint8_t* mins) {
   for (int j = 0; j < 4; ++j) scales[j] = packed[j] & 63, mins[j] = packed[j + 4] & 63;

@@ -52,7 +52,8 @@ float dot_q4_1(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
 // a fifth bit, weight j's being bit j of the little-endian word qh.
 template <bool kHasMin>
 float dot_q5(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
-  constexpr int64_t kBytes = kHasMin ? 24 : 22, kQh = kHasMin ? 4 : 2;
+  using Layout = NibbleLayout<kHasMin, true>;
+  constexpr int64_t kBytes = Layout::kBytes, kQh = Layout::kQh;
   float total = 0.0f;
   for (int64_t b = 0; b < num_blocks; ++b) {
     const uint8_t* block = row + b * kBytes;
@@ -60,7 +61,7 @@ float dot_q5(const uint8_t* row, const ActRow& act, int64_t num_blocks) {
     const int8_t* x = act.q + b * kActBlock;
     int32_t high = 0;   // the fifth bits' part of the dot, over 16
     for (int j = 0; j < 32; ++j) high += static_cast<int32_t>((qh >> j) & 1) * x[j];
-    const int32_t dot = dot_nibbles(block + kQh + 4, x) + 16 * high;
+    const int32_t dot = dot_nibbles(block + Layout::kQs, x) + 16 * high;
     const float d = half_to_float(load_u16(block));
     if (kHasMin)
       total += d * act.d[b] * static_cast<float>(dot) +

@@ -34,9 +34,7 @@ LMARITH_VNNI inline __m512i quant_pair_vnni(const uint8_t* block, int64_t bytes,
   const __m256i packed = _mm256_inserti128_si256(
       _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + qs))),
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + bytes + qs)), 1);
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  const __m512i halves = join_vnni(_mm256_and_si256(packed, mask),
-                                   _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask));
+  const __m512i halves = nibble_halves_vnni(packed);
   const __m512i quants = _mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0));
   if (!kFive) return quants;
   const __mmask64 fifth = static_cast<__mmask64>(load_u32(block + qh)) |
@@ -117,8 +115,8 @@ LMARITH_VNNI inline void q4_tail(const uint8_t* block, int64_t qh, int64_t qs,
 template <bool kHasMin, bool kFive, int R>
 LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
                             int64_t num_blocks, float* out, int64_t stride) {
-  constexpr int64_t kQh = kHasMin ? 4 : 2, kQs = kQh + (kFive ? 4 : 0), kBytes = kQs + 16;
-  constexpr float kOffsetFactor = kHasMin ? 1.0f : kFive ? -16.0f : -8.0f;
+  using Layout = NibbleLayout<kHasMin, kFive>;
+  constexpr int64_t kQh = Layout::kQh, kQs = Layout::kQs, kBytes = Layout::kBytes;
   __m512 acc[R];
   float tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -143,7 +141,7 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
     q4_tail<kFive, R>(block, kQh, kQs, tile, b, tail);
     offsets = offsets_vnni(offsets, _mm256_set1_ps(half_vnni(kHasMin ? block + 2 : block)), tile, b);
   }
-  store_vnni<R>(acc, tail, offsets, kOffsetFactor, out, stride);
+  store_vnni<R>(acc, tail, offsets, Layout::kOffsetFactor, out, stride);
 }
 
 #define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_vnni<R>)

@@ -21,7 +21,6 @@ LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int6
   const float no_tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   __m256 offsets = _mm256_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(0x0F);
   for (int64_t s = 0; s < num_blocks; ++s) {
     const uint8_t* block = row + s * 144;
     const float d = half_vnni(block), dmin = half_vnni(block + 2);
@@ -29,8 +28,7 @@ LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int6
     k4_scales(block + 4, scales, mins);
     for (int g = 0; g < 4; ++g) {
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * g));
-      const __m512i u = join_vnni(_mm256_and_si256(packed, mask),
-                                  _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask));
+      const __m512i u = nibble_halves_vnni(packed);
       const int64_t b = s * 8 + 2 * g;
       __m512i dots[R];
 #pragma GCC unroll 8

@@ -56,8 +56,8 @@ LMARITH_AVX2 inline __m256 offsets_avx2(__m256 acc, float c, const ActTile& tile
 template <bool kHasMin, bool kFive, int R>
 LMARITH_AVX2 inline void q4_avx2(const uint8_t* row, const ActTile& tile,
                             int64_t num_blocks, float* out, int64_t stride) {
-  constexpr int64_t kQh = kHasMin ? 4 : 2, kQs = kQh + (kFive ? 4 : 0), kBytes = kQs + 16;
-  constexpr float kOffsetFactor = kHasMin ? 1.0f : kFive ? -16.0f : -8.0f;
+  using Layout = NibbleLayout<kHasMin, kFive>;
+  constexpr int64_t kQh = Layout::kQh, kQs = Layout::kQs, kBytes = Layout::kBytes;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   __m256 offsets = _mm256_setzero_ps();
@@ -72,7 +72,7 @@ LMARITH_AVX2 inline void q4_avx2(const uint8_t* row, const ActTile& tile,
     scale_add_avx2<R>(acc, dots, d, tile, b);
     offsets = offsets_avx2(offsets, kHasMin ? half_avx2(block + 2) : d, tile, b);
   }
-  store_avx2<R>(acc, offsets, kOffsetFactor, out, stride);
+  store_avx2<R>(acc, offsets, Layout::kOffsetFactor, out, stride);
 }
 
 #define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_avx2<R>)

@@ -21,6 +21,13 @@ LMARITH_VNNI inline __m512i join_vnni(__m256i low, __m256i high) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
 }
 
+// 32 packed nibble bytes -> 64 u8: the low nibbles in the low 256 bits, the high ones above.
+LMARITH_VNNI inline __m512i nibble_halves_vnni(__m256i packed) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  return join_vnni(_mm256_and_si256(packed, mask),
+                   _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask));
+}
+
 // Two blocks' fp16 scales (at `first`, `second`) as floats, one per 8-lane half: two word
 // broadcasts and one conversion.
 LMARITH_VNNI inline __m512 half_pair_vnni(const uint8_t* first, const uint8_t* second) {
