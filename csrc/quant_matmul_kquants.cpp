@@ -28,6 +28,7 @@ LMARITH_AVX2 void q4_k_avx2(const uint8_t* row, const ActTile& tile, int64_t num
   const __m256i mask = _mm256_set1_epi8(0x0F);
   for (int64_t s = 0; s < num_blocks; ++s) {
     const uint8_t* block = row + s * 144;
+    for (int64_t line = 0; line < 144; line += 64) prefetch_weights(block + line);
     const float d = half_avx2(block), dmin = half_avx2(block + 2);
     uint8_t scales[8], mins[8];
     k4_scales(block + 4, scales, mins);
@@ -61,6 +62,7 @@ LMARITH_AVX2 void q6_k_avx2(const uint8_t* row, const ActTile& tile, int64_t num
   const __m256i thirty_two = _mm256_set1_epi8(32);
   for (int64_t s = 0; s < num_blocks; ++s) {
     const uint8_t* block = row + s * 210;
+    for (int64_t line = 0; line < 210; line += 64) prefetch_weights(block + line);
     const int8_t* scales = reinterpret_cast<const int8_t*>(block + 192);
     const float d = half_avx2(block + 208);
     for (int half = 0; half < 2; ++half)

@@ -73,6 +73,7 @@ LMARITH_VNNI inline void q8_0_vnni(const uint8_t* row, const ActTile& tile,
   int64_t b = 0;
   for (; b + 2 <= num_blocks; b += 2) {
     const uint8_t* block = row + b * 34;
+    prefetch_weights(block);
     const __m512i w = join_vnni(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2)),
                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 36)));
     const __mmask64 negative = _mm512_movepi8_mask(w);
@@ -120,10 +121,11 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
   __m512 acc[R];
   float tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  __m256 offsets = _mm256_setzero_ps();
+  __m512 pair_offsets = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= num_blocks; b += 2) {
     const uint8_t* block = row + b * kBytes;
+    prefetch_weights(block);
     const __m512i u = quant_pair_vnni<kFive>(block, kBytes, kQh, kQs);
     __m512i dots[R];
 #pragma GCC unroll 8
@@ -133,9 +135,9 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
     const __m512 scales = half_pair_vnni(block, block + kBytes);
     scale_add_vnni<R>(acc, dots, scales, tile, b);
     const __m512 c = kHasMin ? half_pair_vnni(block + 2, block + kBytes + 2) : scales;
-    offsets = offsets_vnni(offsets, low_half(c), tile, b);
-    offsets = offsets_vnni(offsets, high_half(c), tile, b + 1);
+    pair_offsets = offsets_pair_vnni(pair_offsets, c, tile, b);
   }
+  __m256 offsets = fold_offsets(pair_offsets);
   if (b < num_blocks) {
     const uint8_t* block = row + b * kBytes;
     q4_tail<kFive, R>(block, kQh, kQs, tile, b, tail);

@@ -20,9 +20,10 @@ LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int6
   __m512 acc[R];
   const float no_tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  __m256 offsets = _mm256_setzero_ps();
+  __m512 pair_offsets = _mm512_setzero_ps();
   for (int64_t s = 0; s < num_blocks; ++s) {
     const uint8_t* block = row + s * 144;
+    for (int64_t line = 0; line < 144; line += 64) prefetch_weights(block + line);
     const float d = half_vnni(block), dmin = half_vnni(block + 2);
     uint8_t scales[8], mins[8];
     k4_scales(block + 4, scales, mins);
@@ -37,11 +38,12 @@ LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int6
       const __m512 pair = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d * scales[2 * g]),
                                                _mm512_set1_ps(d * scales[2 * g + 1]));
       scale_add_vnni<R>(acc, dots, pair, tile, b);
-      offsets = offsets_vnni(offsets, _mm256_set1_ps(dmin * mins[2 * g]), tile, b);
-      offsets = offsets_vnni(offsets, _mm256_set1_ps(dmin * mins[2 * g + 1]), tile, b + 1);
+      const __m512 min_pair = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dmin * mins[2 * g]),
+                                                   _mm512_set1_ps(dmin * mins[2 * g + 1]));
+      pair_offsets = offsets_pair_vnni(pair_offsets, min_pair, tile, b);
     }
   }
-  store_vnni<R>(acc, no_tail, offsets, -1.0f, out, stride);
+  store_vnni<R>(acc, no_tail, fold_offsets(pair_offsets), -1.0f, out, stride);
 }
 
 // q6_k: parts p, p + 1 of a half are activation blocks b, b + 1, one vpdpbusd pair of the
@@ -58,6 +60,7 @@ LMARITH_VNNI inline void q6_k_vnni(const uint8_t* row, const ActTile& tile, int6
   const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   for (int64_t s = 0; s < num_blocks; ++s) {
     const uint8_t* block = row + s * 210;
+    for (int64_t line = 0; line < 210; line += 64) prefetch_weights(block + line);
     const __m512 d = _mm512_set1_ps(half_vnni(block + 208));
     for (int half = 0; half < 2; ++half)
       for (int part = 0; part < 4; part += 2) {

@@ -34,6 +34,7 @@ LMARITH_AVX2 inline void q8_0_avx2(const uint8_t* row, const ActTile& tile,
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < num_blocks; ++b) {
     const uint8_t* block = row + b * 34;
+    prefetch_weights(block);
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
     const __m256i magnitude = _mm256_sign_epi8(w, w);
     __m256i dots[R];
@@ -63,6 +64,7 @@ LMARITH_AVX2 inline void q4_avx2(const uint8_t* row, const ActTile& tile,
   __m256 offsets = _mm256_setzero_ps();
   for (int64_t b = 0; b < num_blocks; ++b) {
     const uint8_t* block = row + b * kBytes;
+    prefetch_weights(block);
     __m256i u = nibbles_avx2(block + kQs);
     if (kFive) u = _mm256_or_si256(u, fifth_bits_avx2(load_u32(block + kQh)));
     __m256i dots[R];

@@ -74,5 +74,16 @@ LMARITH_VNNI inline __m256 offsets_vnni(__m256 acc, __m256 c, const ActTile& til
   return _mm256_fmadd_ps(c, _mm256_loadu_ps(tile.dsum_t + b * kTile), acc);
 }
 
+// The same for blocks b, b + 1 at once (c: block b's in lanes 0-7, b + 1's in 8-15, as
+// dsum_t lays them out): one fma a pair, so the offsets' dependency chain is one fma long
+// per pair, not two (at R = 1 that chain bounded the kernel). fold_offsets sums the halves.
+LMARITH_VNNI inline __m512 offsets_pair_vnni(__m512 acc, __m512 c, const ActTile& tile, int64_t b) {
+  return _mm512_fmadd_ps(c, _mm512_loadu_ps(tile.dsum_t + b * kTile), acc);
+}
+
+LMARITH_VNNI inline __m256 fold_offsets(__m512 pair_offsets) {
+  return _mm256_add_ps(low_half(pair_offsets), high_half(pair_offsets));
+}
+
 }  // namespace quant
 }  // namespace lmarith
