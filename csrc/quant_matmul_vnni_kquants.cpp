@@ -35,12 +35,9 @@ LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int6
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
         dots[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x_at(tile, r, b)));
-      const __m512 pair = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d * scales[2 * g]),
-                                               _mm512_set1_ps(d * scales[2 * g + 1]));
-      scale_add_vnni<R>(acc, dots, pair, tile, b);
-      const __m512 min_pair = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dmin * mins[2 * g]),
-                                                   _mm512_set1_ps(dmin * mins[2 * g + 1]));
-      pair_offsets = offsets_pair_vnni(pair_offsets, min_pair, tile, b);
+      scale_add_vnni<R>(acc, dots, pair_of(d * scales[2 * g], d * scales[2 * g + 1]), tile, b);
+      pair_offsets = offsets_pair_vnni(pair_offsets, pair_of(dmin * mins[2 * g], dmin * mins[2 * g + 1]),
+                                       tile, b);
     }
   }
   store_vnni<R>(acc, no_tail, fold_offsets(pair_offsets), -1.0f, out, stride);
