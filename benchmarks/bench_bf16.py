@@ -57,15 +57,21 @@ def variants(n: int, k: int, rows: int, isas: list[str]) -> dict[str, tuple[Call
     return found
 
 
-def sweep_calls(rows: int, layers: int = 30) -> dict[str, tuple[Callable[[], object], int]]:
+def sweep_calls(rows: int, isas: list[str], layers: int = 30
+                ) -> dict[str, tuple[Callable[[], object], int]]:
     """name -> (one decode step's projections in order, its weight bytes), each layer its own
-    weights, so (269 MB in bf16) every call streams its weight from DRAM as decode does."""
+    weights, so (269 MB in bf16) every call streams its weight from DRAM as decode does; one
+    bf16_linear variant per instruction path in isas."""
     shapes = LAYER * layers + [SHAPES[-1]]
     x16 = {k: torch.randn(rows, k).bfloat16() for k in (576, 1536)}
     x32 = {k: x.float() for k, x in x16.items()}
-    ours = [(ops.prepared_bf16_linear(ops.pack_bf16((torch.randn(n, k) * 0.05).bfloat16())), k)
-            for n, k in shapes]
-    found = {"bf16_linear": (lambda: [call(x16[k]) for call, k in ours], 2)}
+    packed16 = [(ops.pack_bf16((torch.randn(n, k) * 0.05).bfloat16()), k) for n, k in shapes]
+    found = {}
+    for isa in isas:
+        os.environ[cpp_bf16.ISA_ENV] = isa
+        ours = [(ops.prepared_bf16_linear(weight), k) for weight, k in packed16]
+        found[f"bf16_linear {isa}"] = (lambda ours=ours: [call(x16[k]) for call, k in ours], 2)
+    os.environ.pop(cpp_bf16.ISA_ENV, None)
     theirs = [(torch.nn.Linear(k, n, bias=False).bfloat16(), k) for n, k in shapes]
     found["torch bf16 nn.Linear"] = (lambda: [layer(x16[k]) for layer, k in theirs], 2)
     if packing_available():
@@ -75,17 +81,17 @@ def sweep_calls(rows: int, layers: int = 30) -> dict[str, tuple[Callable[[], obj
     return {name: (call, size * elements) for name, (call, size) in found.items()}
 
 
-def sweep_table(rows_list: list[int], repeats: int) -> None:
+def sweep_table(rows_list: list[int], repeats: int, isas: list[str]) -> None:
     """ms per decode step's projections, alternated, medians, GB/s and ratio to oneDNN fp32."""
     print("| M | variant | ms/step | GB/s | vs oneDNN fp32 |")
     print("|---|---|---|---|---|")
     for rows in rows_list:
-        found = sweep_calls(rows)
+        found = sweep_calls(rows, isas)
         samples: dict[str, list[float]] = {name: [] for name in found}
         for _ in range(repeats):
             for name, (call, _) in found.items():
                 samples[name].append(seconds_per_call(call, 3))
-        base = statistics.median(samples.get("oneDNN fp32 packed", samples["bf16_linear"]))
+        base = statistics.median(samples.get("oneDNN fp32 packed", samples[f"bf16_linear {isas[0]}"]))
         for name, values in samples.items():
             seconds = statistics.median(values)
             print(f"| {rows} | {name} | {seconds * 1e3:.2f} | {found[name][1] / seconds / 1e9:.1f} | "
@@ -148,7 +154,7 @@ def main() -> None:
         return engine_table(args.batches, args.tokens, args.repeats)
     if args.sweep:
         with torch.inference_mode():
-            return sweep_table(args.rows, args.repeats)
+            return sweep_table(args.rows, args.repeats, args.isa)
     print("| N x K | M | variant | us/call | GB/s | vs oneDNN fp32 |")
     print("|---|---|---|---|---|---|")
     with torch.inference_mode():

@@ -1,8 +1,8 @@
 """The C++ face (lmarith._C.bf16_matmul) of bf16_linear, on inputs already checked by
 bindings/checks.py.
 
-The kernel's instruction path is chosen at run time from the CPU's features (AVX512-BF16,
-else AVX2, else scalar); the environment variable LMARITH_BF16_ISA = avx512bf16 | avx2 |
+The kernel's instruction path is chosen at run time from the CPU's features (AMX-BF16 tiles,
+else AVX512-BF16, else AVX2, else scalar); LMARITH_BF16_ISA = amx | avx512bf16 | avx2 |
 scalar forces one (tests run every path on one CPU; a path the CPU lacks raises). It is read
 when a call is prepared, so a test can set it with monkeypatch."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from lmarith.bindings import cpp
 from lmarith.kernels.reference_bf16 import BF16Weight
 
-ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512bf16": 3}   # csrc Bf16Isa
+ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512bf16": 3, "amx": 4}   # csrc Bf16Isa
 ISA_ENV = "LMARITH_BF16_ISA"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}                 # csrc LogitsDtype
 

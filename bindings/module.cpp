@@ -139,13 +139,14 @@ void quant_matmul_entry(std::uintptr_t x, int x_dtype, int64_t m, int64_t k, std
 }
 
 // bf16_matmul: x f32/bf16 [M,K], packed bf16 weight (csrc/bf16_matmul.h), bias f32 [N] or 0,
-// out [M,N] f32/bf16; isa 0 auto / 1 scalar / 2 avx2 / 3 avx512-bf16.
+// out [M,N] f32/bf16; isa 0 auto / 1 scalar / 2 avx2 / 3 avx512-bf16 / 4 amx.
 void bf16_matmul_entry(std::uintptr_t x, int x_dtype, int64_t m, int64_t k, std::uintptr_t packed,
                        int64_t n, std::uintptr_t bias, std::uintptr_t out, int out_dtype, int isa) {
   require(x_dtype == 0 || x_dtype == 1, "bf16_matmul: x_dtype must be 0 (float32) or 1 (bfloat16)");
   require(out_dtype == 0 || out_dtype == 1, "bf16_matmul: out_dtype must be 0 (float32) or 1 (bfloat16)");
   require(m >= 0 && n >= 0 && k > 0, "bf16_matmul: need M >= 0, N >= 0, K > 0");
-  require(isa >= 0 && isa <= 3, "bf16_matmul: isa must be 0 (auto), 1 (scalar), 2 (avx2), 3 (avx512bf16)");
+  require(isa >= 0 && isa <= 4,
+          "bf16_matmul: isa must be 0 (auto), 1 (scalar), 2 (avx2), 3 (avx512bf16), 4 (amx)");
   require(lmarith::bf16_isa_supported(static_cast<lmarith::Bf16Isa>(isa)),
           "bf16_matmul: this CPU cannot run the requested instruction path");
   lmarith::bf16_matmul(address_as<const void>(x), static_cast<lmarith::LogitsDtype>(x_dtype), m, k,
@@ -227,7 +228,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa"), "Whether this CPU runs f32_matmul path isa (1 scalar, 2 avx2, 3 avx512).");
   m.def("bf16_isa_supported", [](int isa) {
           return lmarith::bf16_isa_supported(static_cast<lmarith::Bf16Isa>(isa)); },
-        py::arg("isa"), "Whether this CPU runs bf16_matmul path isa (1 scalar, 2 avx2, 3 avx512-bf16).");
+        py::arg("isa"), "Whether this CPU runs bf16_matmul path isa (1 scalar, 2 avx2, 3 avx512-bf16, 4 amx).");
   bind_layer_ops(m);
   bind_decoder_stack(m);
   m.def("built_with_openmp", &lmarith::built_with_openmp,

@@ -17,8 +17,9 @@ namespace lmarith {
 constexpr int64_t kBf16Block = 16;
 
 // Instruction paths of bf16_matmul: the best this CPU runs, a portable scalar loop, AVX2+FMA
-// (bf16 widened to fp32 by a 16-bit shift), AVX512-BF16 (vdpbf16ps).
-enum class Bf16Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Bf16 = 3 };
+// (bf16 widened to fp32 by a 16-bit shift), AVX512-BF16 (vdpbf16ps), AMX-BF16 tiles
+// (csrc/bf16_amx.h; kAuto takes them wherever the CPU has them).
+enum class Bf16Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
 // out [M, N] (out_dtype) = x [M, K] (x_dtype, row-major) @ W.T + bias (f32 [N] or null), W
 // packed as above (packed: ceil(N / 16) * ceil(K / 2) * 32 bf16 bit patterns). x is rounded

@@ -18,7 +18,8 @@ from lmarith.kernels import reference_bf16
 OP = "bf16_linear"
 SHAPES = [(1, 7, 5), (3, 33, 64), (17, 1, 2), (1, 100, 577), (17, 16, 1), (3, 48, 31),
           (1, 576, 64), (17, 100, 64)]     # (M, N, K): M 1/3/17, N below/at/over 16-row blocks, K odd/even
-ISAS = [isa for isa in ("scalar", "avx2", "avx512bf16") if cpp_bf16.isa_supported(isa)]
+ISAS = [isa for isa in ("scalar", "avx2", "avx512bf16", "amx") if cpp_bf16.isa_supported(isa)]
+TILE_ISAS = [isa for isa in ("amx",) if cpp_bf16.isa_supported(isa)]    # CPUs with AMX-BF16
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -101,6 +102,22 @@ def test_cpp_every_isa(monkeypatch, isa: str, dtype: torch.dtype) -> None:
     strided = make_inputs(3, 1, 2 * 75, dtype, False)[0][:, ::2]        # non-contiguous x
     w = make_inputs(1, 7, 75, dtype, False)[1]
     check(ops.run(OP, "cpp", strided, ops.pack_bf16(w), None), strided, w, None)
+
+
+@pytest.mark.parametrize("isa", TILE_ISAS)
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 33])
+@pytest.mark.parametrize("n,k", [(37, 64), (65, 31), (16, 75), (130, 577)], ids=str)
+def test_cpp_amx_tile_edges(monkeypatch, isa: str, m: int, n: int, k: int) -> None:
+    """AMX tiles are 16 rows x 32 inputs, 4 output blocks a pass: M below, at and past 16 (and
+    two tiles and a part), K with whole tiles only (64), none (31) and a remainder the
+    vdpbf16ps path adds (75, 577), N with 1-5 blocks and partial ones; integers bit-equal."""
+    monkeypatch.setenv(cpp_bf16.ISA_ENV, isa)
+    for dtype in DTYPES:
+        x, w, b = make_inputs(m, n, k, dtype, True, seed=m + n)
+        check(ops.run(OP, "cpp", x, ops.pack_bf16(w), b), x, w, b)
+        x, w, b = integer_inputs(m, n, k, dtype)
+        assert torch.equal(ops.run(OP, "cpp", x, ops.pack_bf16(w), b),
+                           (x.double() @ w.double().T + b.double()).to(dtype))
 
 
 def test_cpp_isa_env_rejects_unknown(monkeypatch) -> None:
