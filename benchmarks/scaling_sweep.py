@@ -152,22 +152,31 @@ def under_load(tokens: int, repeats: int) -> None:
 
 
 def prefill(prompt_tokens: int, repeats: int) -> None:
-    """Time to first token of one fresh prompt_tokens-token prompt, alternated."""
+    """Time to first token of one fresh prompt_tokens-token prompt, lmarith in float32,
+    bfloat16 and the GGUF's Q4_1 against transformers fp32, alternated."""
     engines = Engines()
     model, tokenizer = engines.hf
-    samples: dict[str, list[float]] = {"lmarith fp32": [], "transformers fp32": []}
+    bf16 = embedded_model("bfloat16")
+    llm16 = la.LLM(kv_cache_bytes=1 << 29, max_num_seqs=8, models=[bf16])
+    ours = {"lmarith fp32": (engines.llm, engines.fp32), "lmarith bf16": (llm16, bf16),
+            "lmarith Q4_1": (engines.llm, engines.q4)}
+    samples: dict[str, list[float]] = {name: [] for name in [*ours, "transformers fp32"]}
     for _ in range(repeats):
         prompt = prompt_of(tokenizer, prompt_tokens)
         params = la.SamplingParams(temperature=0, max_tokens=1)
-        [output] = engines.llm.generate([prompt], engines.fp32, params)
-        samples["lmarith fp32"].append(output.metrics.time_to_first_token)
+        for name, (llm, formula) in ours.items():
+            [output] = llm.generate([prompt], formula, params)
+            samples[name].append(output.metrics.time_to_first_token)
         inputs = tokenizer([prompt], return_tensors="pt")
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=1, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id or 0)
         samples["transformers fp32"].append(time.perf_counter() - start)
+    llm16.close()
     medians = {name: statistics.median(values) for name, values in samples.items()}
     for name, seconds in medians.items():
         print(f"| {name} | {prompt_tokens} | {seconds * 1e3:.0f} ms |")
-    print(f"lmarith is {medians['transformers fp32'] / medians['lmarith fp32']:.2f}x faster to the first token")
+    for name in ours:
+        print(f"{name} is {medians['transformers fp32'] / medians[name]:.2f}x faster to the "
+              "first token than transformers fp32")

@@ -14,6 +14,7 @@
 // (64 rows: a chunk stays in L2 while the larger batches' tiles pass over it).
 #include "bf16_matmul.h"
 #include "bf16_amx.h"
+#include "bf16_store.h"
 #include "cpu_features.h"
 
 #include <algorithm>
@@ -47,14 +48,10 @@ struct Tile {
 // acc [rows][16] = the tile's rows dotted with one packed block of `pairs` column pairs.
 using BlockDot = void (*)(const uint16_t* block, int64_t pairs, const Tile& tile, float* acc);
 
-inline float widen(uint16_t bits) { return detail::bf16_to_float(bits); }
+using bf16::narrow_row;
+using bf16::store_tile;
 
-// float -> bf16 bits, round to nearest even (NaN stays a quiet NaN), as torch's .to(bfloat16).
-inline uint16_t narrow(float value) {
-  const uint32_t bits = detail::float_bits(value);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
+inline float widen(uint16_t bits) { return detail::bf16_to_float(bits); }
 
 void scalar_block(const uint16_t* block, int64_t pairs, const Tile& tile, float* acc) {
   for (int r = 0; r < tile.rows; ++r) {
@@ -209,25 +206,9 @@ const uint16_t* bf16_rows_of(const void* x, LogitsDtype dtype, int64_t m, int64_
       continue;
     }
     const float* values = static_cast<const float*>(x) + r * k;
-    for (int64_t j = 0; j < k; ++j) row[j] = narrow(values[j]);
+    narrow_row(values, k, row);
   }
   return copy.data();
-}
-
-// A tile's acc [rows][16] (+ bias) into out's rows [row0, row0 + rows), columns from col0.
-void store_tile(const float* acc, int rows, int64_t row0, int64_t col0, int64_t n,
-                const float* bias, void* out, LogitsDtype out_dtype) {
-  const int64_t width = std::min(kBf16Block, n - col0);
-  for (int r = 0; r < rows; ++r) {
-    const int64_t at = (row0 + r) * n + col0;
-    for (int64_t l = 0; l < width; ++l) {
-      const float value = acc[r * kBf16Block + l] + (bias != nullptr ? bias[col0 + l] : 0.0f);
-      if (out_dtype == LogitsDtype::kBFloat16)
-        static_cast<uint16_t*>(out)[at + l] = narrow(value);
-      else
-        static_cast<float*>(out)[at + l] = value;
-    }
-  }
 }
 
 }  // namespace

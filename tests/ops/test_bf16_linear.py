@@ -159,3 +159,38 @@ def test_pack_checks() -> None:
         ops.pack_bf16(torch.randn(4))
     with pytest.raises(ValueError, match="floating-point"):
         ops.pack_bf16(torch.ones(2, 2, dtype=torch.int32))
+
+
+def rounding_cases() -> torch.Tensor:
+    """float32 values at and beside bf16 rounding ties, of both signs and many scales."""
+    base = torch.tensor([1.0, 1.5, 3.0, 0.1, 1000.0, 6.0e-5, 3.0e38])
+    ulp = torch.tensor([2.0 ** -7, 2.0 ** -7, 2.0 ** -6, 2.0 ** -11, 2.0 ** 2, 2.0 ** -22, 2.0 ** 120])
+    ties = torch.cat([base + ulp / 2, base + 1.5 * ulp, base + ulp / 2 * (1 + 2.0 ** -16)])
+    values = torch.cat([base, ties, -ties, torch.tensor([0.0, -0.0, 1e-40, -3e-39])])
+    return values[:48] if values.numel() >= 48 else torch.cat([values, values])[:48]
+
+
+@pytest.mark.skipif(not ISAS, reason="lmarith._C is not built")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [48, 37])
+def test_cpp_rounding_is_torchs(monkeypatch, isa: str, n: int) -> None:
+    """Outputs and fp32 activations round to bf16 bit for bit as torch does (ties to even,
+    infinities, NaN as NaN), whole 16-column blocks (the AVX-512 store) and a partial one."""
+    monkeypatch.setenv(cpp_bf16.ISA_ENV, isa)
+    bias = rounding_cases()[:n].clone()
+    bias[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    x = torch.zeros(3, 16, dtype=torch.bfloat16)
+    out = ops.run(OP, "cpp", x, ops.pack_bf16(torch.ones(n, 16).bfloat16()), bias)
+    want = bias.bfloat16()
+    assert torch.isnan(out[:, 2]).all()
+    keep = torch.arange(n) != 2
+    assert torch.equal(out[:, keep].view(torch.int16), want[keep].expand(3, -1).view(torch.int16))
+    finite = rounding_cases()[:n]
+    finite = finite[finite.abs() > 1e-30]                       # AMX reads bf16 denormals as 0
+    x32 = finite.reshape(1, -1).repeat(2, 1)
+    identity = torch.eye(finite.numel()).bfloat16()
+    assert torch.equal(ops.run(OP, "cpp", x32, ops.pack_bf16(identity), None), x32.bfloat16().float())
+    signaling = torch.zeros(1, 16)
+    signaling.view(torch.int32)[0, 0] = 0x7F800001              # a signaling NaN stays a NaN
+    out = ops.run(OP, "cpp", signaling, ops.pack_bf16(torch.eye(16).bfloat16()), None)
+    assert torch.isnan(out[0, 0])
