@@ -90,6 +90,17 @@ def llama_cpp_seconds(runner, tokens: int, prompt: str = PROMPT) -> float:
     return (run(tokens + 1) - run(1)) / tokens
 
 
+def sgemm_rate(size: int = 2048, calls: int = 5) -> float:
+    """float32 multiply-add flops per second of torch's GEMM (MKL, every thread) on a large
+    square product: what this CPU's FMA units give a compute-bound fp32 step at best."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(calls):
+        torch.mm(a, b)
+    return 2 * size ** 3 * calls / (time.perf_counter() - start)
+
+
 def dtype_sweep(dtypes: list[str], batches: list[int], tokens: int, repeats: int, hf_seconds,
                 gguf: Optional[Path] = None) -> None:
     """Print one table row per (batch, variant): ms/step, tok/s, MB read per step, speed vs
@@ -101,6 +112,7 @@ def dtype_sweep(dtypes: list[str], batches: list[int], tokens: int, repeats: int
     llama_label = f"llama.cpp ({(gguf or find_embedded_gguf()).name})"
     with la.LLM(kv_cache_bytes=1 << 30, max_num_seqs=64, models=list(models.values())) as llm:
         sizes = {dtype: weight_bytes(llm, model) for dtype, model in models.items()}
+        rate = sgemm_rate() if "float32" in sizes else None
         print("| batch | variant | MB/step | ms/step | tok/s | vs lmarith float32 |")
         print("|---|---|---|---|---|---|")
         for batch in batches:
@@ -118,3 +130,7 @@ def dtype_sweep(dtypes: list[str], batches: list[int], tokens: int, repeats: int
                 size = f"{sizes[name] / 1e6:.0f}" if name in sizes else "-"
                 print(f"| {batch} | {label} | {size} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | "
                       f"{base / seconds:.2f}x |", flush=True)
+            if rate:
+                floor = 2 * sizes["float32"] / 4 * batch / rate   # one multiply-add per weight and row
+                print(f"| {batch} | float32 compute floor (sgemm {rate / 1e9:.0f} GFLOP/s) | - | "
+                      f"{floor * 1e3:.1f} | {batch / floor:.1f} | {base / floor:.2f}x |", flush=True)

@@ -24,6 +24,11 @@ namespace lmarith {
 namespace {
 
 constexpr int kMaxTile = 8;          // activation rows per kernel call (AVX2: 4)
+constexpr int kPanelRows = 6;        // AVX512 panel: 6 rows x 4 blocks = 24 zmm accumulators
+constexpr int kPanelBlocks = 4;
+constexpr int64_t kPanelMinRows = 2; // batches from which panels replace the one-block kernel
+constexpr int kPanelTiles = 8;       // row tiles (48 rows) that share one pass over the weights
+constexpr int64_t kPanelColumns = 64;  // columns a pass takes at a time: 16 KB of weights in L1
 constexpr int64_t kChunkBlocks = 4;  // row blocks per unit of OpenMP work
 // How far ahead (block columns of 64 bytes) the weight stream is prefetched: the hardware
 // prefetcher alone left a decode GEMV at ~2/3 of one core's read rate.
@@ -38,6 +43,10 @@ struct Tile {
 
 // acc [rows][16] = the tile's rows dotted with one packed block of k columns.
 using BlockDot = void (*)(const float* block, int64_t k, const Tile& tile, float* acc);
+// acc [kPanelBlocks][kPanelRows][16] (+)= the tile's rows (<= kPanelRows) dotted with
+// columns [begin, end) of kPanelBlocks blocks at once (avx512_panel).
+using PanelDot = void (*)(const float* const* blocks, int64_t begin, int64_t end, const Tile& tile,
+                          float* acc, bool first);
 
 void scalar_block(const float* block, int64_t k, const Tile& tile, float* acc) {
   for (int r = 0; r < tile.rows; ++r) {
@@ -110,6 +119,46 @@ LMARITH_AVX512 void avx512_rows(const float* block, int64_t k, const Tile& tile,
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * kF32Block, _mm512_add_ps(first[r], second[r]));
 }
 
+// acc[b][r][16] (+)= rows r < R of the tile dotted with columns [begin, end) of
+// kPanelBlocks blocks: a register panel in which each broadcast x feeds kPanelBlocks FMAs
+// and each weight load R (the one-block kernel spends a broadcast load per FMA, which held a
+// 16-row batch to ~20% of the FMA peak). `first`: the panel's first columns (acc starts at 0,
+// and this pass prefetches the weight stream for the row tiles after it).
+template <int R>
+LMARITH_AVX512 void avx512_panel(const float* const* blocks, int64_t begin, int64_t end,
+                                 const Tile& tile, float* acc, bool first) {
+  __m512 sums[R][kPanelBlocks];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < kPanelBlocks; ++b)
+      sums[r][b] = begin == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc + (b * kPanelRows + r) * kF32Block);
+  for (int64_t j = begin; j < end; ++j) {
+    __m512 w[kPanelBlocks];
+    for (int b = 0; b < kPanelBlocks; ++b) {
+      if (first)
+        _mm_prefetch(reinterpret_cast<const char*>(blocks[b] + (j + kPrefetchColumns) * kF32Block), _MM_HINT_T0);
+      w[b] = _mm512_loadu_ps(blocks[b] + j * kF32Block);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(tile.x[r * tile.stride + j]);
+      for (int b = 0; b < kPanelBlocks; ++b) sums[r][b] = _mm512_fmadd_ps(w[b], x, sums[r][b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < kPanelBlocks; ++b) _mm512_store_ps(acc + (b * kPanelRows + r) * kF32Block, sums[r][b]);
+}
+
+LMARITH_AVX512 void avx512_panel_rows(const float* const* blocks, int64_t begin, int64_t end,
+                                      const Tile& tile, float* acc, bool first) {
+  switch (tile.rows) {
+    case 1: avx512_panel<1>(blocks, begin, end, tile, acc, first); break;
+    case 2: avx512_panel<2>(blocks, begin, end, tile, acc, first); break;
+    case 3: avx512_panel<3>(blocks, begin, end, tile, acc, first); break;
+    case 4: avx512_panel<4>(blocks, begin, end, tile, acc, first); break;
+    case 5: avx512_panel<5>(blocks, begin, end, tile, acc, first); break;
+    default: avx512_panel<6>(blocks, begin, end, tile, acc, first); break;
+  }
+}
+
 LMARITH_AVX512 void avx512_block(const float* block, int64_t k, const Tile& tile, float* acc) {
   switch (tile.rows) {
     case 1: avx512_rows<1>(block, k, tile, acc); break;
@@ -128,13 +177,14 @@ LMARITH_AVX512 void avx512_block(const float* block, int64_t k, const Tile& tile
 struct Kernel {
   BlockDot dot;
   int max_rows;
+  PanelDot panel = nullptr;   // AVX512 only
 };
 
 Kernel pick_kernel(F32Isa isa) {
   if (isa == F32Isa::kAuto)
     isa = cpu::has_avx512f() ? F32Isa::kAvx512 : cpu::has_avx2_fma() ? F32Isa::kAvx2 : F32Isa::kScalar;
 #ifdef LMARITH_F32_X86
-  if (isa == F32Isa::kAvx512) return {avx512_block, kMaxTile};
+  if (isa == F32Isa::kAvx512) return {avx512_block, kMaxTile, avx512_panel_rows};
   if (isa == F32Isa::kAvx2) return {avx2_block, 4};
 #endif
   return {scalar_block, kMaxTile};
@@ -163,10 +213,58 @@ bool f32_isa_supported(F32Isa isa) {
   return true;
 }
 
+namespace {
+
+// Rows [row0, row0 + rows) (<= kPanelTiles row tiles) x the kPanelBlocks blocks from
+// `block`: kPanelColumns columns at a time through every row tile, so each weight line comes
+// from DRAM once and serves all the rows from L1.
+void panel_pass(const Kernel& kernel, const float* x, int64_t row0, int64_t rows, int64_t k,
+                const float* packed, int64_t block, int64_t n, const float* bias, float* out) {
+  alignas(64) float acc[kPanelTiles][kPanelBlocks * kPanelRows * kF32Block];
+  const float* blocks[kPanelBlocks];
+  for (int j = 0; j < kPanelBlocks; ++j) blocks[j] = packed + (block + j) * k * kF32Block;
+  const int tiles = static_cast<int>((rows + kPanelRows - 1) / kPanelRows);
+  for (int64_t begin = 0; begin < k; begin += kPanelColumns)
+    for (int t = 0; t < tiles; ++t) {
+      const Tile tile{x + (row0 + t * kPanelRows) * k, k,
+                      static_cast<int>(std::min<int64_t>(kPanelRows, rows - t * kPanelRows))};
+      kernel.panel(blocks, begin, std::min(k, begin + kPanelColumns), tile, acc[t], t == 0);
+    }
+  for (int t = 0; t < tiles; ++t)
+    for (int j = 0; j < kPanelBlocks; ++j)
+      store_tile(acc[t] + j * kPanelRows * kF32Block,
+                 static_cast<int>(std::min<int64_t>(kPanelRows, rows - t * kPanelRows)),
+                 row0 + t * kPanelRows, (block + j) * kF32Block, n, bias, out);
+}
+
+// Blocks [first_block, last_block) in panel passes of up to 48 rows x kPanelBlocks blocks;
+// the blocks past the last whole panel by the one-block kernel.
+void panel_range(const Kernel& kernel, const float* x, int64_t m, int64_t k, const float* packed,
+                 int64_t n, const float* bias, float* out, int64_t first_block, int64_t last_block) {
+  const int64_t whole = first_block + (last_block - first_block) / kPanelBlocks * kPanelBlocks;
+  for (int64_t row0 = 0; row0 < m; row0 += kPanelTiles * kPanelRows) {
+    const int64_t rows = std::min<int64_t>(kPanelTiles * kPanelRows, m - row0);
+    for (int64_t b = first_block; b < whole; b += kPanelBlocks)
+      panel_pass(kernel, x, row0, rows, k, packed, b, n, bias, out);
+  }
+  alignas(64) float acc[kMaxTile * kF32Block];
+  for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
+    const Tile tile{x + row0 * k, k, static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};
+    for (int64_t b = whole; b < last_block; ++b) {
+      kernel.dot(packed + b * k * kF32Block, k, tile, acc);
+      store_tile(acc, tile.rows, row0, b * kF32Block, n, bias, out);
+    }
+  }
+}
+
+}  // namespace
+
 void f32_matmul_blocks(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,
                        const float* bias, float* out, F32Isa isa, int64_t first_block,
                        int64_t last_block) {
   const Kernel kernel = pick_kernel(isa);
+  if (kernel.panel != nullptr && m >= kPanelMinRows)
+    return panel_range(kernel, x, m, k, packed, n, bias, out, first_block, last_block);
   alignas(64) float acc[kMaxTile * kF32Block];
   for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
     const Tile tile{x + row0 * k, k, static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};

@@ -70,6 +70,23 @@ def test_every_instruction_path(monkeypatch, isa, shape) -> None:
 
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [2, 5, 6, 7, 13, 48, 50])
+@pytest.mark.parametrize("n,k", [(64, 1), (80, 63), (130, 64), (64, 129), (200, 577)], ids=str)
+def test_panel_edges(monkeypatch, isa, m, n, k) -> None:
+    """The AVX512 panels (6 rows x 4 blocks, 64 columns a pass, 48 rows a pass over the
+    weights) at and across their edges: partial row tiles, blocks past the last whole panel,
+    K below, at and across 64, more than one 48-row pass; small integers bit-equal."""
+    monkeypatch.setenv(cpp_f32.ISA_ENV, isa)
+    x, w, b = make_inputs(m, n, k, True, seed=m + n + k)
+    check(ops.prepared_f32_linear(ops.pack_f32(w), b)(x), x, w, b)
+    gen = torch.Generator().manual_seed(m * n + k)
+    x = torch.randint(-3, 4, (m, k), generator=gen).float()
+    w = torch.randint(-2, 3, (n, k), generator=gen).float()
+    assert torch.equal(ops.prepared_f32_linear(ops.pack_f32(w), None)(x), x @ w.T)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
 def test_small_integers_are_exact(monkeypatch, isa) -> None:
     monkeypatch.setenv(cpp_f32.ISA_ENV, isa)
     gen = torch.Generator().manual_seed(3)
