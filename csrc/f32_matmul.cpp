@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -27,7 +28,6 @@ constexpr int kMaxTile = 8;          // activation rows per kernel call (AVX2: 4
 constexpr int kPanelRows = 6;        // AVX512 panel: 6 rows x 4 blocks = 24 zmm accumulators
 constexpr int kPanelBlocks = 4;
 constexpr int64_t kPanelMinRows = 2; // batches from which panels replace the one-block kernel
-constexpr int kPanelTiles = 8;       // row tiles (48 rows) that share one pass over the weights
 constexpr int64_t kPanelColumns = 64;  // columns a pass takes at a time: 16 KB of weights in L1
 constexpr int64_t kChunkBlocks = 4;  // row blocks per unit of OpenMP work
 // How far ahead (block columns of 64 bytes) the weight stream is prefetched: the hardware
@@ -130,7 +130,7 @@ LMARITH_AVX512 void avx512_panel(const float* const* blocks, int64_t begin, int6
   __m512 sums[R][kPanelBlocks];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < kPanelBlocks; ++b)
-      sums[r][b] = begin == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc + (b * kPanelRows + r) * kF32Block);
+      sums[r][b] = begin == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (b * kPanelRows + r) * kF32Block);
   for (int64_t j = begin; j < end; ++j) {
     __m512 w[kPanelBlocks];
     for (int b = 0; b < kPanelBlocks; ++b) {
@@ -144,7 +144,7 @@ LMARITH_AVX512 void avx512_panel(const float* const* blocks, int64_t begin, int6
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < kPanelBlocks; ++b) _mm512_store_ps(acc + (b * kPanelRows + r) * kF32Block, sums[r][b]);
+    for (int b = 0; b < kPanelBlocks; ++b) _mm512_storeu_ps(acc + (b * kPanelRows + r) * kF32Block, sums[r][b]);
 }
 
 LMARITH_AVX512 void avx512_panel_rows(const float* const* blocks, int64_t begin, int64_t end,
@@ -215,38 +215,36 @@ bool f32_isa_supported(F32Isa isa) {
 
 namespace {
 
-// Rows [row0, row0 + rows) (<= kPanelTiles row tiles) x the kPanelBlocks blocks from
-// `block`: kPanelColumns columns at a time through every row tile, so each weight line comes
-// from DRAM once and serves all the rows from L1.
-void panel_pass(const Kernel& kernel, const float* x, int64_t row0, int64_t rows, int64_t k,
-                const float* packed, int64_t block, int64_t n, const float* bias, float* out) {
-  alignas(64) float acc[kPanelTiles][kPanelBlocks * kPanelRows * kF32Block];
+// All m rows x the kPanelBlocks blocks from `block`: kPanelColumns columns at a time through
+// every row tile, so each weight line comes from DRAM once and serves every row from L1 (the
+// tiles' sums wait in `sums`, m x 256 bytes, in L2). A pass per 48 rows re-read a prefill's
+// weights from DRAM 11 times.
+void panel_pass(const Kernel& kernel, const float* x, int64_t m, int64_t k, const float* packed,
+                int64_t block, int64_t n, const float* bias, float* out, std::vector<float>& sums) {
+  constexpr int64_t kTileFloats = kPanelBlocks * kPanelRows * kF32Block;
+  const int64_t tiles = (m + kPanelRows - 1) / kPanelRows;
+  sums.resize(tiles * kTileFloats);
   const float* blocks[kPanelBlocks];
   for (int j = 0; j < kPanelBlocks; ++j) blocks[j] = packed + (block + j) * k * kF32Block;
-  const int tiles = static_cast<int>((rows + kPanelRows - 1) / kPanelRows);
+  const auto rows_of = [m](int64_t t) { return static_cast<int>(std::min<int64_t>(kPanelRows, m - t * kPanelRows)); };
   for (int64_t begin = 0; begin < k; begin += kPanelColumns)
-    for (int t = 0; t < tiles; ++t) {
-      const Tile tile{x + (row0 + t * kPanelRows) * k, k,
-                      static_cast<int>(std::min<int64_t>(kPanelRows, rows - t * kPanelRows))};
-      kernel.panel(blocks, begin, std::min(k, begin + kPanelColumns), tile, acc[t], t == 0);
-    }
-  for (int t = 0; t < tiles; ++t)
+    for (int64_t t = 0; t < tiles; ++t)
+      kernel.panel(blocks, begin, std::min(k, begin + kPanelColumns), Tile{x + t * kPanelRows * k, k, rows_of(t)},
+                   sums.data() + t * kTileFloats, t == 0);
+  for (int64_t t = 0; t < tiles; ++t)
     for (int j = 0; j < kPanelBlocks; ++j)
-      store_tile(acc[t] + j * kPanelRows * kF32Block,
-                 static_cast<int>(std::min<int64_t>(kPanelRows, rows - t * kPanelRows)),
-                 row0 + t * kPanelRows, (block + j) * kF32Block, n, bias, out);
+      store_tile(sums.data() + t * kTileFloats + j * kPanelRows * kF32Block, rows_of(t),
+                 t * kPanelRows, (block + j) * kF32Block, n, bias, out);
 }
 
-// Blocks [first_block, last_block) in panel passes of up to 48 rows x kPanelBlocks blocks;
-// the blocks past the last whole panel by the one-block kernel.
+// Blocks [first_block, last_block) in panel passes of kPanelBlocks blocks; the blocks past
+// the last whole panel by the one-block kernel.
 void panel_range(const Kernel& kernel, const float* x, int64_t m, int64_t k, const float* packed,
                  int64_t n, const float* bias, float* out, int64_t first_block, int64_t last_block) {
+  thread_local std::vector<float> sums;
   const int64_t whole = first_block + (last_block - first_block) / kPanelBlocks * kPanelBlocks;
-  for (int64_t row0 = 0; row0 < m; row0 += kPanelTiles * kPanelRows) {
-    const int64_t rows = std::min<int64_t>(kPanelTiles * kPanelRows, m - row0);
-    for (int64_t b = first_block; b < whole; b += kPanelBlocks)
-      panel_pass(kernel, x, row0, rows, k, packed, b, n, bias, out);
-  }
+  for (int64_t b = first_block; b < whole; b += kPanelBlocks)
+    panel_pass(kernel, x, m, k, packed, b, n, bias, out, sums);
   alignas(64) float acc[kMaxTile * kF32Block];
   for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
     const Tile tile{x + row0 * k, k, static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};
