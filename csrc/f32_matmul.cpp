@@ -3,8 +3,10 @@
 // oneDNN and MKL stream a float32 decode GEMV at well under this machine's read bandwidth
 // (benchmarks/bench_f32.py); packed 16-row blocks let every 64-byte weight load feed one FMA
 // per activation row:
-//  * AVX512F: one zmm per block column, up to 8 activation rows (x broadcast from memory),
-//    two accumulators per row over alternate columns so no FMA waits on the previous one;
+//  * AVX512F: register panels of 6 activation rows x 4 blocks (24 zmm sums: each broadcast
+//    x feeds 4 FMAs, each weight load 6), 64 columns at a time through every row of the call
+//    so a weight line comes from DRAM once; the blocks past the last whole panel one at a
+//    time (one zmm per block column, up to 8 rows, even and odd columns apart);
 //  * AVX2 + FMA: the block column as two ymm halves, up to 4 rows;
 //  * scalar: the same sums, portable (the compiler vectorises it where it can).
 // OpenMP splits the row blocks in chunks of 4 (64 rows, whose panel stays in L2 while the
@@ -27,7 +29,6 @@ namespace {
 constexpr int kMaxTile = 8;          // activation rows per kernel call (AVX2: 4)
 constexpr int kPanelRows = 6;        // AVX512 panel: 6 rows x 4 blocks = 24 zmm accumulators
 constexpr int kPanelBlocks = 4;
-constexpr int64_t kPanelMinRows = 2; // batches from which panels replace the one-block kernel
 constexpr int64_t kPanelColumns = 64;  // columns a pass takes at a time: 16 KB of weights in L1
 constexpr int64_t kChunkBlocks = 4;  // row blocks per unit of OpenMP work
 // How far ahead (block columns of 64 bytes) the weight stream is prefetched: the hardware
@@ -261,7 +262,9 @@ void f32_matmul_blocks(const float* x, int64_t m, int64_t k, const float* packed
                        const float* bias, float* out, F32Isa isa, int64_t first_block,
                        int64_t last_block) {
   const Kernel kernel = pick_kernel(isa);
-  if (kernel.panel != nullptr && m >= kPanelMinRows)
+  // Panels at every batch size (even one row: they stream as fast), so a row's sums run in
+  // one order whatever its batch holds, and a request's output does not depend on it.
+  if (kernel.panel != nullptr)
     return panel_range(kernel, x, m, k, packed, n, bias, out, first_block, last_block);
   alignas(64) float acc[kMaxTile * kF32Block];
   for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {

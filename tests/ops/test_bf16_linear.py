@@ -194,3 +194,15 @@ def test_cpp_rounding_is_torchs(monkeypatch, isa: str, n: int) -> None:
     signaling.view(torch.int32)[0, 0] = 0x7F800001              # a signaling NaN stays a NaN
     out = ops.run(OP, "cpp", signaling, ops.pack_bf16(torch.eye(16).bfloat16()), None)
     assert torch.isnan(out[0, 0])
+
+
+@pytest.mark.skipif(not ISAS, reason="lmarith._C is not built")
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_row_does_not_depend_on_its_batch(monkeypatch, isa: str) -> None:
+    """Every row sums in one order whatever the batch holds (AMX tiles and their remainder)."""
+    monkeypatch.setenv(cpp_bf16.ISA_ENV, isa)
+    x, w, b = make_inputs(33, 130, 577, torch.float32, True, seed=4)
+    call = ops.prepared_bf16_linear(ops.pack_bf16(w), b)
+    alone = torch.cat([call(x[i: i + 1]) for i in range(33)])
+    for m in (2, 9, 16, 17, 33):
+        assert torch.equal(call(x[:m]), alone[:m]), m

@@ -131,3 +131,17 @@ def test_module_matches_nn_linear_and_swaps_only_float32_cpu_linears() -> None:
     assert isinstance(model[0], F32Linear) and isinstance(model[2], nn.Linear)
     torch.testing.assert_close(model[0](x), expected, atol=1e-5, rtol=1e-5)
     assert "in_features=19, out_features=40, bias=True" in repr(model[0])
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k", [(37, 75), (130, 577), (64, 64)], ids=str)
+def test_a_row_does_not_depend_on_its_batch(monkeypatch, isa, n, k) -> None:
+    """Every row sums in one order whatever the batch holds (panels, tail blocks and the
+    one-block kernel alike): a request's greedy text must not change with its neighbours."""
+    monkeypatch.setenv(cpp_f32.ISA_ENV, isa)
+    x, w, b = make_inputs(17, n, k, True, seed=n + k)
+    call = ops.prepared_f32_linear(ops.pack_f32(w), b)
+    alone = torch.cat([call(x[i: i + 1]) for i in range(17)])
+    for m in (2, 6, 7, 13, 17):
+        assert torch.equal(call(x[:m]), alone[:m]), m
