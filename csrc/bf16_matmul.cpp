@@ -236,19 +236,22 @@ void add_pairs(const BlockDot dot, const uint16_t* block, int64_t from, int64_t 
 
 // Output blocks [first_block, last_block) by AMX tiles: 16 rows x 4 blocks per pass over
 // the whole tiles of pairs, the rest of the pairs (K not a multiple of 32) by kernel.dot.
+// Blocks outer, rows inner: a 4-block group (72-196 KB here) stays in L2 while every row
+// tile passes over it, so a prefill reads each weight from DRAM once.
 void tile_range(const uint16_t* rows, int64_t m, int64_t pairs, const uint16_t* packed,
                 int64_t n, const float* bias, void* out, LogitsDtype out_dtype,
                 const Kernel& kernel, int64_t first_block, int64_t last_block) {
   alignas(64) float acc[amx::kTileBlocks * amx::kTileRows * kBf16Block];
   const int64_t whole = pairs / amx::kTilePairs * amx::kTilePairs, stride = 2 * pairs;
-  for (int64_t row0 = 0; row0 < m; row0 += amx::kTileRows) {
-    const int count_rows = static_cast<int>(std::min<int64_t>(amx::kTileRows, m - row0));
-    const uint16_t* x = rows + row0 * stride;
-    amx::configure(count_rows);
-    for (int64_t b = first_block; b < last_block; b += amx::kTileBlocks) {
-      const int count = static_cast<int>(std::min<int64_t>(amx::kTileBlocks, last_block - b));
-      const uint16_t* blocks[amx::kTileBlocks];
-      for (int j = 0; j < count; ++j) blocks[j] = packed + (b + j) * pairs * 2 * kBf16Block;
+  int configured = 0;
+  for (int64_t b = first_block; b < last_block; b += amx::kTileBlocks) {
+    const int count = static_cast<int>(std::min<int64_t>(amx::kTileBlocks, last_block - b));
+    const uint16_t* blocks[amx::kTileBlocks];
+    for (int j = 0; j < count; ++j) blocks[j] = packed + (b + j) * pairs * 2 * kBf16Block;
+    for (int64_t row0 = 0; row0 < m; row0 += amx::kTileRows) {
+      const int count_rows = static_cast<int>(std::min<int64_t>(amx::kTileRows, m - row0));
+      const uint16_t* x = rows + row0 * stride;
+      if (count_rows != configured) amx::configure(configured = count_rows);
       std::fill(acc, acc + count * amx::kTileRows * kBf16Block, 0.0f);
       if (whole > 0) amx::bf16_tiles(x, stride, blocks, count, whole, acc);
       for (int j = 0; j < count; ++j) {
