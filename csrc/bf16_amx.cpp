@@ -37,14 +37,6 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-__attribute__((target("amx-tile"))) void load_config(int rows) {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64;
-  for (int t = 0; t < 5; ++t) config.rows[t] = static_cast<uint8_t>(rows);  // C tiles, A
-  for (int t = 5; t < 8; ++t) config.rows[t] = kTilePairs;                   // B tiles
-  _tile_loadconfig(&config);
-}
-
 inline void prefetch_ahead(const uint16_t* block, int64_t pair) {
   const char* at = reinterpret_cast<const char*>(block) + pair * kPairBytes + kPrefetchBytes;
   for (int64_t line = 0; line < kTilePairs * kPairBytes; line += 64) __builtin_prefetch(at + line, 0, 3);
@@ -93,7 +85,15 @@ bool bf16_ready() {
   return ready;
 }
 
-void configure(int rows) { load_config(rows); }
+// The tile configuration for `rows` activation rows: C tiles 0-3 and A tile 4 that tall,
+// B tiles 5-7 kTilePairs tall, every row 64 bytes.
+__attribute__((target("amx-tile"))) void configure(int rows) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64;
+  for (int t = 0; t < 5; ++t) config.rows[t] = static_cast<uint8_t>(rows);  // C tiles, A
+  for (int t = 5; t < 8; ++t) config.rows[t] = kTilePairs;                   // B tiles
+  _tile_loadconfig(&config);
+}
 
 __attribute__((target("amx-tile"))) void release() { _tile_release(); }
 

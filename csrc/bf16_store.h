@@ -18,14 +18,10 @@ namespace lmarith {
 namespace bf16 {
 
 // float -> bf16 bits, round to nearest even (NaN stays a quiet NaN), as torch's .to(bfloat16).
-inline uint16_t narrow(float value) {
-  const uint32_t bits = detail::float_bits(value);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
+using detail::float_to_bf16;
 
 #if defined(__x86_64__) || defined(__i386__)
-// narrow() of 16 floats at once, bit for bit.
+// float_to_bf16 of 16 floats at once, bit for bit.
 __attribute__((target("avx512f"))) inline __m256i narrow16(__m512 values) {
   const __m512i bits = _mm512_castps_si512(values);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -56,14 +52,14 @@ __attribute__((target("avx512f"))) inline void store_block16(
 }
 #endif
 
-// values[0, count) -> bf16 bits (narrow), 16 at a time where the CPU has AVX-512.
+// values[0, count) -> bf16 bits (float_to_bf16), 16 at a time where the CPU has AVX-512.
 inline void narrow_row(const float* values, int64_t count, uint16_t* bits) {
   int64_t j = 0;
 #if defined(__x86_64__) || defined(__i386__)
   if (cpu::has_avx512f())
     for (; j + 16 <= count; j += 16) narrow16_store(values + j, bits + j);
 #endif
-  for (; j < count; ++j) bits[j] = narrow(values[j]);
+  for (; j < count; ++j) bits[j] = float_to_bf16(values[j]);
 }
 
 // A tile's acc [rows][16] (+ bias) into out's rows [row0, row0 + rows), columns from col0.
@@ -79,7 +75,7 @@ inline void store_tile(const float* acc, int rows, int64_t row0, int64_t col0, i
     for (int64_t l = 0; l < width; ++l) {
       const float value = acc[r * kBf16Block + l] + (bias != nullptr ? bias[col0 + l] : 0.0f);
       if (out_dtype == LogitsDtype::kBFloat16)
-        static_cast<uint16_t*>(out)[at + l] = narrow(value);
+        static_cast<uint16_t*>(out)[at + l] = float_to_bf16(value);
       else
         static_cast<float*>(out)[at + l] = value;
     }

@@ -216,6 +216,19 @@ bool f32_isa_supported(F32Isa isa) {
 
 namespace {
 
+// Blocks [first_block, last_block) one at a time by kernel.dot, kernel.max_rows rows a call.
+void block_range(const Kernel& kernel, const float* x, int64_t m, int64_t k, const float* packed,
+                 int64_t n, const float* bias, float* out, int64_t first_block, int64_t last_block) {
+  alignas(64) float acc[kMaxTile * kF32Block];
+  for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
+    const Tile tile{x + row0 * k, k, static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};
+    for (int64_t b = first_block; b < last_block; ++b) {
+      kernel.dot(packed + b * k * kF32Block, k, tile, acc);
+      store_tile(acc, tile.rows, row0, b * kF32Block, n, bias, out);
+    }
+  }
+}
+
 // All m rows x the kPanelBlocks blocks from `block`: kPanelColumns columns at a time through
 // every row tile, so each weight line comes from DRAM once and serves every row from L1 (the
 // tiles' sums wait in `sums`, m x 256 bytes, in L2). A pass per 48 rows re-read a prefill's
@@ -227,11 +240,13 @@ void panel_pass(const Kernel& kernel, const float* x, int64_t m, int64_t k, cons
   sums.resize(tiles * kTileFloats);
   const float* blocks[kPanelBlocks];
   for (int j = 0; j < kPanelBlocks; ++j) blocks[j] = packed + (block + j) * k * kF32Block;
-  const auto rows_of = [m](int64_t t) { return static_cast<int>(std::min<int64_t>(kPanelRows, m - t * kPanelRows)); };
+  const auto rows_of = [m](int64_t t) {
+    return static_cast<int>(std::min<int64_t>(kPanelRows, m - t * kPanelRows));
+  };
   for (int64_t begin = 0; begin < k; begin += kPanelColumns)
     for (int64_t t = 0; t < tiles; ++t)
-      kernel.panel(blocks, begin, std::min(k, begin + kPanelColumns), Tile{x + t * kPanelRows * k, k, rows_of(t)},
-                   sums.data() + t * kTileFloats, t == 0);
+      kernel.panel(blocks, begin, std::min(k, begin + kPanelColumns),
+                   Tile{x + t * kPanelRows * k, k, rows_of(t)}, sums.data() + t * kTileFloats, t == 0);
   for (int64_t t = 0; t < tiles; ++t)
     for (int j = 0; j < kPanelBlocks; ++j)
       store_tile(sums.data() + t * kTileFloats + j * kPanelRows * kF32Block, rows_of(t),
@@ -246,14 +261,7 @@ void panel_range(const Kernel& kernel, const float* x, int64_t m, int64_t k, con
   const int64_t whole = first_block + (last_block - first_block) / kPanelBlocks * kPanelBlocks;
   for (int64_t b = first_block; b < whole; b += kPanelBlocks)
     panel_pass(kernel, x, m, k, packed, b, n, bias, out, sums);
-  alignas(64) float acc[kMaxTile * kF32Block];
-  for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
-    const Tile tile{x + row0 * k, k, static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};
-    for (int64_t b = whole; b < last_block; ++b) {
-      kernel.dot(packed + b * k * kF32Block, k, tile, acc);
-      store_tile(acc, tile.rows, row0, b * kF32Block, n, bias, out);
-    }
-  }
+  block_range(kernel, x, m, k, packed, n, bias, out, whole, last_block);
 }
 
 }  // namespace
@@ -266,14 +274,7 @@ void f32_matmul_blocks(const float* x, int64_t m, int64_t k, const float* packed
   // one order whatever its batch holds, and a request's output does not depend on it.
   if (kernel.panel != nullptr)
     return panel_range(kernel, x, m, k, packed, n, bias, out, first_block, last_block);
-  alignas(64) float acc[kMaxTile * kF32Block];
-  for (int64_t row0 = 0; row0 < m; row0 += kernel.max_rows) {
-    const Tile tile{x + row0 * k, k, static_cast<int>(std::min<int64_t>(kernel.max_rows, m - row0))};
-    for (int64_t b = first_block; b < last_block; ++b) {
-      kernel.dot(packed + b * k * kF32Block, k, tile, acc);
-      store_tile(acc, tile.rows, row0, b * kF32Block, n, bias, out);
-    }
-  }
+  block_range(kernel, x, m, k, packed, n, bias, out, first_block, last_block);
 }
 
 void f32_matmul(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,
