@@ -5,9 +5,11 @@ read and passed as raw pointers, so _C never depends on torch's C++ ABI."""
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
+from lmarith.errors import ConfigError
 from lmarith.kernels import reference_attention
 
 try:
@@ -26,12 +28,18 @@ def available() -> bool:
     return _C is not None
 
 
-def isa_code(env: str, codes: dict[str, int], isa: str | None = None) -> int:
+def isa_code(env: str, codes: dict[str, int], isa: str | None = None,
+             supported: Callable[[int], bool] | None = None) -> int:
     """A kernel family's instruction-path code for `isa` (default: $env, else "auto"); the
-    families (quant_matmul, bf16_matmul) each name their paths and their variable."""
+    families (quant_matmul, bf16_matmul, f32_matmul) each name their paths and their variable.
+    A forced path this CPU lacks fails here, at load, not in the first forward."""
     name = (isa or os.environ.get(env) or "auto").lower()
     if name not in codes:
-        raise ValueError(f"{env} must be one of {', '.join(codes)}, got {name!r}")
+        raise ConfigError(f"{env} must be one of {', '.join(codes)}, got {name!r}")
+    if supported is not None and _C is not None and not supported(codes[name]):
+        usable = ", ".join(path for path, code in codes.items() if supported(code))
+        raise ConfigError(f"{env}={name}: this CPU cannot run that path; unset {env} or pick "
+                          f"one it can: {usable}")
     return codes[name]
 
 

@@ -3,8 +3,8 @@ bindings/checks.py.
 
 The kernel's instruction path is chosen at run time from the CPU's features (AMX-BF16 tiles,
 else AVX512-BF16, else AVX2, else scalar); LMARITH_BF16_ISA = amx | avx512bf16 | avx2 |
-scalar forces one (tests run every path on one CPU; a path the CPU lacks raises). It is read
-when a call is prepared, so a test can set it with monkeypatch."""
+scalar forces one (tests run every path on one CPU; a path the CPU lacks raises
+ConfigError). It is read when a call is prepared, so a test can set it with monkeypatch."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -21,7 +21,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}                 # csrc Logi
 
 def isa_code(isa: Optional[str] = None) -> int:
     """The path code for `isa` (default: $LMARITH_BF16_ISA, else auto)."""
-    return cpp.isa_code(ISA_ENV, ISA_CODES, isa)
+    return cpp.isa_code(ISA_ENV, ISA_CODES, isa, lambda code: cpp._C.bf16_isa_supported(code))
 
 
 def isa_supported(isa: str) -> bool:

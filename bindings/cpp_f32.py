@@ -2,9 +2,9 @@
 bindings/checks.py.
 
 The kernel's instruction path is chosen at run time from the CPU's features (AVX512F, else
-AVX2, else scalar); the environment variable LMARITH_F32_ISA = avx512 | avx2 | scalar
-forces one (tests run every path on one CPU; a path the CPU lacks raises). It is read when a
-call is prepared, so a test can set it with monkeypatch."""
+AVX2, else scalar); the environment variable LMARITH_F32_ISA = avx512 | avx2 | scalar forces
+one (tests run every path on one CPU; a path the CPU lacks raises ConfigError). It is read
+when a call is prepared, so a test can set it with monkeypatch."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -20,7 +20,7 @@ ISA_ENV = "LMARITH_F32_ISA"
 
 def isa_code(isa: Optional[str] = None) -> int:
     """The path code for `isa` (default: $LMARITH_F32_ISA, else auto)."""
-    return cpp.isa_code(ISA_ENV, ISA_CODES, isa)
+    return cpp.isa_code(ISA_ENV, ISA_CODES, isa, lambda code: cpp._C.f32_isa_supported(code))
 
 
 def isa_supported(isa: str) -> bool:

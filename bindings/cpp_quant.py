@@ -2,8 +2,8 @@
 
 The kernel's instruction path is chosen at run time from the CPU's features (AVX512-VNNI,
 else AVX2, else scalar); the environment variable LMARITH_QUANT_ISA = vnni | avx2 | scalar
-forces one (tests run every path on one CPU; a path the CPU lacks raises). Read per call,
-so a test can set it with monkeypatch."""
+forces one (tests run every path on one CPU; a path the CPU lacks raises ConfigError). Read
+per call, so a test can set it with monkeypatch."""
 from __future__ import annotations
 
 
@@ -20,7 +20,7 @@ ISA_ENV = "LMARITH_QUANT_ISA"
 
 def isa_code(isa: str | None = None) -> int:
     """The path code for `isa` (default: $LMARITH_QUANT_ISA, else auto)."""
-    return cpp.isa_code(ISA_ENV, ISA_CODES, isa)
+    return cpp.isa_code(ISA_ENV, ISA_CODES, isa, lambda code: cpp._C.quant_isa_supported(code))
 
 
 def isa_supported(isa: str) -> bool:

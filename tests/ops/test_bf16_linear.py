@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lmarith.bindings import cpp_bf16, ops
+from lmarith.errors import ConfigError
 from lmarith.kernels import reference_bf16
 
 OP = "bf16_linear"
@@ -126,6 +127,19 @@ def test_cpp_isa_env_rejects_unknown(monkeypatch) -> None:
     monkeypatch.setenv(cpp_bf16.ISA_ENV, "sse9")
     with pytest.raises(ValueError, match="LMARITH_BF16_ISA"):
         ops.run(OP, "cpp", torch.randn(1, 4), ops.pack_bf16(torch.randn(3, 4)))
+
+
+def test_cpp_isa_env_rejects_a_path_the_cpu_lacks(monkeypatch) -> None:
+    """A forced path the CPU cannot run is a ConfigError when the call is prepared (at model
+    load), naming the paths it can run; the CPU's answer is faked so every host checks it."""
+    if "cpp" not in ops.faces(OP):
+        pytest.skip("lmarith._C is not built")
+    monkeypatch.setattr(cpp_bf16.cpp._C, "bf16_isa_supported", lambda code: code in (0, 1))
+    monkeypatch.setenv(cpp_bf16.ISA_ENV, "amx")
+    with pytest.raises(ConfigError, match=r"LMARITH_BF16_ISA=amx: this CPU cannot.*auto, scalar$"):
+        cpp_bf16.prepared(ops.pack_bf16(torch.randn(3, 4)))
+    monkeypatch.setenv(cpp_bf16.ISA_ENV, "scalar")
+    assert cpp_bf16.isa_code() == cpp_bf16.ISA_CODES["scalar"]
 
 
 def test_dispatch_and_prepared_call() -> None:
