@@ -208,11 +208,12 @@ void team_linear(const StackLinear& w, const void* x, LogitsDtype dtype, int64_t
     return;
   }
   static_assert(kF32Block == kBf16Block, "both panel formats split by the same blocks");
-  // Shares of whole 4-block groups: the kernels' panels (f32) and tile passes (bf16 AMX)
-  // take 4 blocks at a time, and a share's leftover blocks ran on the slower one-block path.
-  const int64_t blocks = (p.rows + kF32Block - 1) / kF32Block, groups = (blocks + 3) / 4;
-  const int64_t first = std::min(blocks, 4 * (groups * team.id / team.size));
-  const int64_t last = std::min(blocks, 4 * (groups * (team.id + 1) / team.size));
+  // Shares of whole block groups: the f32 panels take 3 blocks at a time, bf16's AMX tile
+  // passes 4, and a share's leftover blocks ran on the slower one-block path.
+  const int64_t group = p.bf16 != nullptr ? 4 : kF32PanelBlocks;
+  const int64_t blocks = (p.rows + kF32Block - 1) / kF32Block, groups = (blocks + group - 1) / group;
+  const int64_t first = std::min(blocks, group * (groups * team.id / team.size));
+  const int64_t last = std::min(blocks, group * (groups * (team.id + 1) / team.size));
   if (p.bf16 != nullptr)
     bf16_matmul_blocks(x, dtype, tokens, w.in_features, p.bf16, p.rows, w.bias, y, dtype,
                        Bf16Isa::kAuto, first, last);

@@ -15,6 +15,9 @@ namespace lmarith {
 
 // Output rows per packed block (one zmm, or two ymm, of accumulators).
 constexpr int64_t kF32Block = 16;
+// 16-row blocks an AVX512 register panel takes at once; splits of the blocks among threads
+// are best in whole groups of it (a share's leftover blocks take the one-block kernel).
+constexpr int64_t kF32PanelBlocks = 3;
 
 // Instruction paths of f32_matmul: the best this CPU runs, a portable scalar loop, AVX2+FMA,
 // AVX512F.

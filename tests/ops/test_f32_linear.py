@@ -70,12 +70,12 @@ def test_every_instruction_path(monkeypatch, isa, shape) -> None:
 
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m", [2, 5, 6, 7, 13, 48, 50])
-@pytest.mark.parametrize("n,k", [(64, 1), (80, 63), (130, 64), (64, 129), (200, 577)], ids=str)
+@pytest.mark.parametrize("m", [2, 5, 7, 8, 9, 17, 50])
+@pytest.mark.parametrize("n,k", [(48, 1), (80, 63), (130, 192), (64, 193), (200, 577)], ids=str)
 def test_panel_edges(monkeypatch, isa, m, n, k) -> None:
-    """The AVX512 panels (6 rows x 4 blocks, 64 columns a pass, 48 rows a pass over the
-    weights) at and across their edges: partial row tiles, blocks past the last whole panel,
-    K below, at and across 64, more than one 48-row pass; small integers bit-equal."""
+    """The AVX512 panels (8 rows x 3 blocks, 192 columns a pass) at and across their edges:
+    partial row tiles, blocks past the last whole panel, K below, at and across 192, several
+    row tiles over one pass; small integers bit-equal."""
     monkeypatch.setenv(cpp_f32.ISA_ENV, isa)
     x, w, b = make_inputs(m, n, k, True, seed=m + n + k)
     check(ops.prepared_f32_linear(ops.pack_f32(w), b)(x), x, w, b)
