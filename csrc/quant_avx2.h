@@ -41,16 +41,40 @@ LMARITH_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)));
 }
 
-// acc[r] += dots[r] * (w_scale * d_x of row r for 32-block b), the fp32 step every format shares.
+// acc[r] += dots[r] * (w_scale * d_x of row r for 32-block b), the fp32 step every format
+// shares; w: the weight's scale in every lane.
 template <int R>
-LMARITH_AVX2 inline void scale_add_avx2(__m256* acc, const __m256i* dots, float w_scale,
+LMARITH_AVX2 inline void scale_add_avx2(__m256* acc, const __m256i* dots, __m256 w,
                                         const ActTile& tile, int64_t b) {
-  const __m256 w = _mm256_set1_ps(w_scale);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const __m256 scale = _mm256_mul_ps(w, _mm256_broadcast_ss(tile.d + r * tile.nb + b));
     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), scale, acc[r]);
   }
+}
+
+template <int R>
+LMARITH_AVX2 inline void scale_add_avx2(__m256* acc, const __m256i* dots, float w_scale,
+                                        const ActTile& tile, int64_t b) {
+  scale_add_avx2<R>(acc, dots, _mm256_set1_ps(w_scale), tile, b);
+}
+
+// q4_k's 12 packed scale bytes -> its 8 six-bit scales (bytes 0-7) and 8 mins (bytes 8-15):
+// k4_scales's unpacking done on three 32-bit words (j < 4: the low six bits of bytes j and
+// j + 4; j >= 4: a nibble of byte j + 4 below the top two bits of byte j - 4 or j).
+LMARITH_AVX2 inline __m128i k4_scales_x86(const uint8_t* packed) {
+  const uint32_t low = load_u32(packed), mid = load_u32(packed + 4), high = load_u32(packed + 8);
+  const uint32_t six = 0x3F3F3F3Fu, nibble = 0x0F0F0F0Fu, two = 0x03030303u;
+  const uint32_t scales_high = (high & nibble) | (((low >> 6) & two) << 4);
+  const uint32_t mins_high = ((high >> 4) & nibble) | (((mid >> 6) & two) << 4);
+  return _mm_setr_epi32(static_cast<int>(low & six), static_cast<int>(scales_high),
+                        static_cast<int>(mid & six), static_cast<int>(mins_high));
+}
+
+// The first 8 bytes of k4_scales_x86's result (scales, or mins after an unpackhi) times d,
+// as floats: a super-block's 8 sub-block factors, converted once, not per sub-block.
+LMARITH_AVX2 inline __m256 k4_factors_avx2(__m128i bytes, float d) {
+  return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)));
 }
 
 // out[r * stride] = the horizontal sum of acc[r] plus lane r of `offsets` times offset_factor.

@@ -29,9 +29,9 @@ LMARITH_AVX2 void q4_k_avx2(const uint8_t* row, const ActTile& tile, int64_t num
   for (int64_t s = 0; s < num_blocks; ++s) {
     const uint8_t* block = row + s * 144;
     for (int64_t line = 0; line < 144; line += 64) prefetch_weights(block + line);
-    const float d = half_avx2(block), dmin = half_avx2(block + 2);
-    uint8_t scales[8], mins[8];
-    k4_scales(block + 4, scales, mins);
+    const __m128i packed = k4_scales_x86(block + 4);
+    const __m256 scales = k4_factors_avx2(packed, half_avx2(block));
+    const __m256 mins = k4_factors_avx2(_mm_unpackhi_epi64(packed, packed), half_avx2(block + 2));
     for (int g = 0; g < 4; ++g) {
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * g));
       const __m256i nibbles[2] = {_mm256_and_si256(packed, mask),
@@ -43,8 +43,9 @@ LMARITH_AVX2 void q4_k_avx2(const uint8_t* row, const ActTile& tile, int64_t num
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r)
           dots[r] = dot_avx2(nibbles[half], load_x_avx2(tile, r, b));
-        scale_add_avx2<R>(acc, dots, d * scales[sub], tile, b);
-        offsets = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * mins[sub]),
+        const __m256i lane = _mm256_set1_epi32(sub);
+        scale_add_avx2<R>(acc, dots, _mm256_permutevar8x32_ps(scales, lane), tile, b);
+        offsets = _mm256_fnmadd_ps(_mm256_permutevar8x32_ps(mins, lane),
                                    _mm256_loadu_ps(tile.dsum_t + b * kTile), offsets);
       }
     }

@@ -11,9 +11,17 @@ namespace lmarith {
 namespace quant {
 namespace {
 
+// Lanes 0-7 sub-block 2g's factor, lanes 8-15 sub-block 2g + 1's: one permute per pair.
+LMARITH_VNNI inline __m512 k4_pair(__m512 factors, int g) {
+  const __m512i pick = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * g), _mm512_set1_epi32(2 * g + 1));
+  return _mm512_permutexvar_ps(pick, factors);
+}
+
 // q4_k: a super-block's group g (32 bytes) holds sub-blocks 2g (low nibbles) and 2g + 1 (high),
 // which are activation blocks b, b + 1: one load gives a dpbusd pair, scaled per half by
 // d * scale; the mins go through the activation sums (dmin * min * d_x * sum_x, subtracted).
+// The scales and mins are unpacked and turned into floats once per super-block, 8 lanes at
+// a time (scalar, that setup bounded the kernel at M = 1).
 template <int R>
 LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
                                    float* out, int64_t stride) {
@@ -24,20 +32,21 @@ LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int6
   for (int64_t s = 0; s < num_blocks; ++s) {
     const uint8_t* block = row + s * 144;
     for (int64_t line = 0; line < 144; line += 64) prefetch_weights(block + line);
-    const float d = half_vnni(block), dmin = half_vnni(block + 2);
-    uint8_t scales[8], mins[8];
-    k4_scales(block + 4, scales, mins);
+    const __m128i packed = k4_scales_x86(block + 4);
+    const __m512 scales = _mm512_castps256_ps512(k4_factors_avx2(packed, half_vnni(block)));
+    const __m512 mins = _mm512_castps256_ps512(
+        k4_factors_avx2(_mm_unpackhi_epi64(packed, packed), half_vnni(block + 2)));
+#pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {
-      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * g));
-      const __m512i u = nibble_halves_vnni(packed);
+      const __m256i quants = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * g));
+      const __m512i u = nibble_halves_vnni(quants);
       const int64_t b = s * 8 + 2 * g;
       __m512i dots[R];
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
         dots[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x_at(tile, r, b)));
-      scale_add_vnni<R>(acc, dots, pair_of(d * scales[2 * g], d * scales[2 * g + 1]), tile, b);
-      pair_offsets = offsets_pair_vnni(pair_offsets, pair_of(dmin * mins[2 * g], dmin * mins[2 * g + 1]),
-                                       tile, b);
+      scale_add_vnni<R>(acc, dots, k4_pair(scales, g), tile, b);
+      pair_offsets = offsets_pair_vnni(pair_offsets, k4_pair(mins, g), tile, b);
     }
   }
   store_vnni<R>(acc, no_tail, fold_offsets(pair_offsets), -1.0f, out, stride);
