@@ -58,19 +58,28 @@ void quantize_input_row(const void* x, LogitsDtype dtype, int64_t r, int64_t k, 
   quantize_row(row, k, q + r * k, d + r * nb, sum + r * nb);
 }
 
+// Row r's d_x * (integer sum) of every 16 weights (ActTile's dsum16).
+void sixteen_sums(const int8_t* q, const float* d, int64_t k, float* dsum16) {
+  for (int64_t j = 0; j < k / 16; ++j) {
+    int32_t total = 0;
+    for (int l = 0; l < 16; ++l) total += q[16 * j + l];
+    dsum16[j] = d[j / 2] * static_cast<float>(total);
+  }
+}
+
 // Quantised activations of all M rows, plus the copies of the scales and sums the SIMD
-// kernels read (ActTile's d_wide, dsum_t).
+// kernels read (ActTile's d_wide, dsum_t and, with `sixteens`, dsum16).
 struct Activations {
   int64_t m, k, nb, tiles;
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int32_t> sum;
-  std::vector<float> d_wide, dsum_t;
+  std::vector<float> d_wide, dsum_t, dsum16;
 
-  Activations(const void* x, LogitsDtype dtype, int64_t m_, int64_t k_)
+  Activations(const void* x, LogitsDtype dtype, int64_t m_, int64_t k_, bool sixteens)
       : m(m_), k(k_), nb(k_ / kActBlock), tiles((m_ + kTile - 1) / kTile), q(m * k),
         d(m * nb), sum(m * nb), d_wide(m * nb * 8),
-        dsum_t(tiles * nb * kTile, 0.0f) {
+        dsum_t(tiles * nb * kTile, 0.0f), dsum16(sixteens ? m * (k / 16) : 0) {
 #pragma omp parallel for schedule(static) if (m * k > (1 << 15))
     for (int64_t r = 0; r < m; ++r) {
       quantize_input_row(x, dtype, r, k, q.data(), d.data(), sum.data());
@@ -79,6 +88,7 @@ struct Activations {
         std::fill_n(d_wide.data() + (r * nb + b) * 8, 8, d[r * nb + b]);
         dsum[b * kTile] = d[r * nb + b] * static_cast<float>(sum[r * nb + b]);
       }
+      if (sixteens) sixteen_sums(q.data() + r * k, d.data() + r * nb, k, dsum16.data() + r * (k / 16));
     }
   }
 
@@ -91,7 +101,8 @@ struct Activations {
     const int64_t first = t * kTile;
     const int rows = static_cast<int>(std::min<int64_t>(kTile, m - first));
     return {q.data() + first * k, d.data() + first * nb, d_wide.data() + first * nb * 8,
-            dsum_t.data() + t * nb * kTile, k, nb, rows};
+            dsum_t.data() + t * nb * kTile, dsum16.empty() ? nullptr : dsum16.data() + first * (k / 16),
+            k, nb, rows};
   }
 };
 
@@ -153,7 +164,7 @@ void quant_matmul(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k,
                   const uint8_t* weight, QuantType qtype, int64_t n, int64_t row_bytes,
                   QuantIsa isa, float* out) {
   if (m == 0 || n == 0) return;
-  const quant::Activations acts(x, x_dtype, m, k);
+  const quant::Activations acts(x, x_dtype, m, k, qtype == QuantType::kQ6_K);
   const quant::Kernel kernel = quant::pick_kernel(qtype, isa);
   const int64_t num_blocks = quant::blocks_per_row(qtype, k);
   // Parallel only above ~128K 32-block dots (~100 us on one core at ~1 ns each): waking a
@@ -175,7 +186,9 @@ void quant_matmul_share(const void* x, LogitsDtype x_dtype, int64_t m, int64_t k
   for (int64_t i = 0; i < count; ++i) chunks += (parts[i].rows + quant::kRowChunk - 1) / quant::kRowChunk;
   const int64_t begin = chunks * share / shares, end = chunks * (share + 1) / shares;
   if (m == 0 || begin == end) return;
-  const quant::Activations acts(x, x_dtype, m, k);
+  bool sixteens = false;
+  for (int64_t i = 0; i < count; ++i) sixteens = sixteens || parts[i].qtype == QuantType::kQ6_K;
+  const quant::Activations acts(x, x_dtype, m, k, sixteens);
   int64_t chunk = 0, column = 0;
   for (int64_t i = 0; i < count; column += parts[i].rows, ++i) {
     const QuantPart& p = parts[i];

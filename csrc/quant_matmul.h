@@ -38,12 +38,15 @@ constexpr int kTile = 8;
 // d + r * nb, and again each repeated 8 times at d_wide + r * nb * 8 (one 512-bit load gives
 // blocks b, b + 1 in the lane halves VNNI's two-block step uses); dsum_t [nb][kTile] holds
 // block b's scale times integer sum, d_x * sum_x, of the tile's rows side by side (zero past
-// `rows`), for the per-block offset terms of all rows in one vector (one fma a block).
+// `rows`), for the per-block offset terms of all rows in one vector (one fma a block);
+// dsum16, where the call has q6_k weights (else nullptr), row r's d_x * (sum of q) of every
+// 16 weights at dsum16 + r * k / 16, for q6_k's -32 offset per 16-weight sub-block.
 struct ActTile {
   const int8_t* q;
   const float* d;
   const float* d_wide;
   const float* dsum_t;
+  const float* dsum16;
   int64_t k, nb;
   int rows;
 };

@@ -53,21 +53,24 @@ LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int6
 }
 
 // q6_k: parts p, p + 1 of a half are activation blocks b, b + 1, one vpdpbusd pair of the
-// six-bit quants minus one of 32s (exact: q - 32 per weight); each 4-lane group of the i32
-// sums lies in one 16-weight sub-block, so the int8 sub-block scales (times d) scale the
-// lanes in float.
+// six-bit quants q (0..63); each 4-lane group of the i32 sums lies in one 16-weight
+// sub-block, so the int8 sub-block scales (times d) scale the lanes in float. The -32 of
+// every weight goes in once per super-block and row: its 16 sub-block scales (times 32 d)
+// against the row's d_x * sum of q per 16 weights (ActTile::dsum16), one fma, where a
+// second vpdpbusd per pair and row did it before.
 template <int R>
 LMARITH_VNNI inline void q6_k_vnni(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
                                    float* out, int64_t stride) {
   __m512 acc[R];
   const float no_tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i thirty_two = _mm512_set1_epi8(32);
   const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const int64_t sixteens = tile.k / 16;
   for (int64_t s = 0; s < num_blocks; ++s) {
     const uint8_t* block = row + s * 210;
     for (int64_t line = 0; line < 210; line += 64) prefetch_weights(block + line);
-    const __m512 d = _mm512_set1_ps(half_vnni(block + 208));
+    const float d_w = half_vnni(block + 208);
+    const __m512 d = _mm512_set1_ps(d_w);
     for (int half = 0; half < 2; ++half)
       for (int part = 0; part < 4; part += 2) {
         const __m512i q = join_vnni(q6_quants_avx2(block, half, part), q6_quants_avx2(block, half, part + 1));
@@ -76,13 +79,15 @@ LMARITH_VNNI inline void q6_k_vnni(const uint8_t* row, const ActTile& tile, int6
         const int64_t b = s * 8 + 4 * half + part;
         __m512i dots[R];
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          const __m512i x = _mm512_loadu_si512(x_at(tile, r, b));
-          dots[r] = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x),
-                                     _mm512_dpbusd_epi32(_mm512_setzero_si512(), thirty_two, x));
-        }
+        for (int r = 0; r < R; ++r)
+          dots[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(x_at(tile, r, b)));
         scale_add_vnni<R>(acc, dots, scales, tile, b);
       }
+    const __m512i sub_scales = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192)));
+    const __m512 offset_scales = _mm512_mul_ps(_mm512_set1_ps(32.0f * d_w), _mm512_cvtepi32_ps(sub_scales));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fnmadd_ps(offset_scales, _mm512_loadu_ps(tile.dsum16 + r * sixteens + s * 16), acc[r]);
   }
   store_vnni<R>(acc, no_tail, _mm256_setzero_ps(), 0.0f, out, stride);
 }
