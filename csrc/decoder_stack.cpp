@@ -22,10 +22,14 @@ namespace {
 
 constexpr LogitsDtype kF32 = LogitsDtype::kFloat32;
 constexpr int64_t kTeamTokens = 16;  // steps up to this many rows run as one thread team
-// After a team step whose barriers waited long (another process took a core), this many
-// steps run the serial layer loop before the team is tried again.
-constexpr int kContendedSteps = 16;
-std::atomic<int> serial_steps_left{0};
+// After a team step whose barriers waited long (another process took a core), the next
+// steps run the serial layer loop before the team is tried again: 64, four times more while
+// the retries stay contended, up to 1024 (~10 s of decode); an uncontended team step resets it.
+// A contended team step costs ~10x a quiet one (its ~150 barriers each wait out a scheduler
+// slice), so retrying every 17th step held Q4_1 decode beside a busy process at 0.30-0.37x
+// its quiet speed; the serial loop alone gave 0.60-0.62x (AMD EPYC, 2 cores).
+constexpr int kContendedSteps = 64, kMaxContendedSteps = 1024;
+std::atomic<int> serial_steps_left{0}, serial_stretch{kContendedSteps};
 
 // A buffer of activations in the stack's dtype (float storage, of which bfloat16 uses half):
 // at(i) is element i's address.
@@ -289,7 +293,13 @@ void run_team(const StackShape& shape, const std::vector<StackLayer>& layers, co
     for (size_t index = 0; index < layers.size(); ++index)
       run_layer_team(shape, layers[index], static_cast<int64_t>(index), step, buffers, team);
   }
-  if (barrier.contended()) serial_steps_left.store(kContendedSteps, std::memory_order_relaxed);
+  if (!barrier.contended()) {
+    serial_stretch.store(kContendedSteps, std::memory_order_relaxed);
+    return;
+  }
+  const int stretch = serial_stretch.load(std::memory_order_relaxed);
+  serial_steps_left.store(stretch, std::memory_order_relaxed);
+  serial_stretch.store(std::min(4 * stretch, kMaxContendedSteps), std::memory_order_relaxed);
 }
 
 }  // namespace
