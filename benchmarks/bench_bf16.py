@@ -40,16 +40,24 @@ def seconds_per_call(call: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def prepared_on(isa: str, weight) -> Callable:
+    """ops.prepared_bf16_linear on one forced instruction path (the variable is read when a
+    call is prepared, then restored)."""
+    os.environ[cpp_bf16.ISA_ENV] = isa
+    try:
+        return ops.prepared_bf16_linear(weight)
+    finally:
+        os.environ.pop(cpp_bf16.ISA_ENV, None)
+
+
 def variants(n: int, k: int, rows: int, isas: list[str]) -> dict[str, tuple[Callable[[], object], int]]:
     """name -> (a call, weight bytes it reads) for one shape and batch."""
     w = torch.randn(n, k) * 0.05
     w16, x16 = w.bfloat16(), torch.randn(rows, k).bfloat16()
     found: dict[str, tuple[Callable[[], object], int]] = {}
     for isa in isas:
-        os.environ[cpp_bf16.ISA_ENV] = isa
-        call = ops.prepared_bf16_linear(ops.pack_bf16(w16))
+        call = prepared_on(isa, ops.pack_bf16(w16))
         found[f"bf16_linear {isa}"] = (lambda call=call: call(x16), 2 * n * k)
-    os.environ.pop(cpp_bf16.ISA_ENV, None)
     found["torch bf16 F.linear"] = (lambda: F.linear(x16, w16), 2 * n * k)
     if packing_available():
         packed, x32 = PackedLinear(torch.nn.Linear(k, n, bias=False), batch_hint=16), x16.float()
@@ -68,10 +76,8 @@ def sweep_calls(rows: int, isas: list[str], layers: int = 30
     packed16 = [(ops.pack_bf16((torch.randn(n, k) * 0.05).bfloat16()), k) for n, k in shapes]
     found = {}
     for isa in isas:
-        os.environ[cpp_bf16.ISA_ENV] = isa
-        ours = [(ops.prepared_bf16_linear(weight), k) for weight, k in packed16]
+        ours = [(prepared_on(isa, weight), k) for weight, k in packed16]
         found[f"bf16_linear {isa}"] = (lambda ours=ours: [call(x16[k]) for call, k in ours], 2)
-    os.environ.pop(cpp_bf16.ISA_ENV, None)
     theirs = [(torch.nn.Linear(k, n, bias=False).bfloat16(), k) for n, k in shapes]
     found["torch bf16 nn.Linear"] = (lambda: [layer(x16[k]) for layer, k in theirs], 2)
     if packing_available():
@@ -150,6 +156,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
     print(f"threads={torch.get_num_threads()} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}")
+    lacking = [isa for isa in args.isa if not cpp_bf16.isa_supported(isa)]
+    if lacking:
+        print(f"skipped (this CPU cannot run them): {' '.join(lacking)}")
+        args.isa = [isa for isa in args.isa if isa not in lacking]
     if args.engine:
         return engine_table(args.batches, args.tokens, args.repeats)
     if args.sweep:
