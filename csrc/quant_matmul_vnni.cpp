@@ -66,7 +66,7 @@ LMARITH_VNNI inline void q8_0_tail(const uint8_t* block, const ActTile& tile, in
 
 template <int R>
 LMARITH_VNNI inline void q8_0_vnni(const uint8_t* row, const ActTile& tile,
-                            int64_t num_blocks, float* out, int64_t stride) {
+                            int64_t num_blocks, __m512* parked) {
   __m512 acc[R];
   float tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -88,7 +88,7 @@ LMARITH_VNNI inline void q8_0_vnni(const uint8_t* row, const ActTile& tile,
     scale_add_vnni<R>(acc, dots, half_pair_vnni(block, block + 34), tile, b);
   }
   if (b < num_blocks) q8_0_tail<R>(row + b * 34, tile, b, tail);
-  store_vnni<R>(acc, tail, _mm256_setzero_ps(), 0.0f, out, stride);
+  park_vnni<R>(acc, tail, _mm256_setzero_ps(), 0.0f, parked);
 }
 
 // A q4 block's 32 quants as u8; with kFive, q5's, whose fifth bits are the 4 bytes at qh.
@@ -115,7 +115,7 @@ LMARITH_VNNI inline void q4_tail(const uint8_t* block, int64_t qh, int64_t qs,
 // (w = d * (q - 16)) and q5_1, whose 4 bytes of fifth bits precede the nibbles.
 template <bool kHasMin, bool kFive, int R>
 LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
-                            int64_t num_blocks, float* out, int64_t stride) {
+                            int64_t num_blocks, __m512* parked) {
   using Layout = NibbleLayout<kHasMin, kFive>;
   constexpr int64_t kQh = Layout::kQh, kQs = Layout::kQs, kBytes = Layout::kBytes;
   __m512 acc[R];
@@ -143,11 +143,12 @@ LMARITH_VNNI inline void q4_vnni(const uint8_t* row, const ActTile& tile,
     q4_tail<kFive, R>(block, kQh, kQs, tile, b, tail);
     offsets = offsets_vnni(offsets, _mm256_set1_ps(half_vnni(kHasMin ? block + 2 : block)), tile, b);
   }
-  store_vnni<R>(acc, tail, offsets, Layout::kOffsetFactor, out, stride);
+  park_vnni<R>(acc, tail, offsets, Layout::kOffsetFactor, parked);
 }
 
-#define LMARITH_CALL_Q8_0(R) LMARITH_ROWS(q8_0_vnni<R>)
-#define LMARITH_CALL_Q4(R) LMARITH_ROWS((q4_vnni<kHasMin, kFive, R>))
+#define LMARITH_CALL_Q8_0(R) rows_vnni<R, q8_0_vnni<R>>(rows, row_bytes, count, tile, num_blocks, out, stride)
+#define LMARITH_CALL_Q4(R) \
+  rows_vnni<R, q4_vnni<kHasMin, kFive, R>>(rows, row_bytes, count, tile, num_blocks, out, stride)
 
 // The TileDots: the tile height picked at run time, once per call.
 LMARITH_VNNI void q8_0_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,

@@ -24,7 +24,7 @@ LMARITH_VNNI inline __m512 k4_pair(__m512 factors, int g) {
 // a time (scalar, that setup bounded the kernel at M = 1).
 template <int R>
 LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
-                                   float* out, int64_t stride) {
+                                   __m512* parked) {
   __m512 acc[R];
   const float no_tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -49,7 +49,7 @@ LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int6
       pair_offsets = offsets_pair_vnni(pair_offsets, k4_pair(mins, g), tile, b);
     }
   }
-  store_vnni<R>(acc, no_tail, fold_offsets(pair_offsets), -1.0f, out, stride);
+  park_vnni<R>(acc, no_tail, fold_offsets(pair_offsets), -1.0f, parked);
 }
 
 // q6_k: parts p, p + 1 of a half are activation blocks b, b + 1, one vpdpbusd pair of the
@@ -60,7 +60,7 @@ LMARITH_VNNI inline void q4_k_vnni(const uint8_t* row, const ActTile& tile, int6
 // second vpdpbusd per pair and row did it before.
 template <int R>
 LMARITH_VNNI inline void q6_k_vnni(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
-                                   float* out, int64_t stride) {
+                                   __m512* parked) {
   __m512 acc[R];
   const float no_tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -89,11 +89,11 @@ LMARITH_VNNI inline void q6_k_vnni(const uint8_t* row, const ActTile& tile, int6
     for (int r = 0; r < R; ++r)
       acc[r] = _mm512_fnmadd_ps(offset_scales, _mm512_loadu_ps(tile.dsum16 + r * sixteens + s * 16), acc[r]);
   }
-  store_vnni<R>(acc, no_tail, _mm256_setzero_ps(), 0.0f, out, stride);
+  park_vnni<R>(acc, no_tail, _mm256_setzero_ps(), 0.0f, parked);
 }
 
-#define LMARITH_CALL_Q4_K(R) LMARITH_ROWS(q4_k_vnni<R>)
-#define LMARITH_CALL_Q6_K(R) LMARITH_ROWS(q6_k_vnni<R>)
+#define LMARITH_CALL_Q4_K(R) rows_vnni<R, q4_k_vnni<R>>(rows, row_bytes, count, tile, num_blocks, out, stride)
+#define LMARITH_CALL_Q6_K(R) rows_vnni<R, q6_k_vnni<R>>(rows, row_bytes, count, tile, num_blocks, out, stride)
 
 LMARITH_VNNI void q4_k_tile_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,
                                  const ActTile& tile, int64_t num_blocks, float* out,

@@ -63,14 +63,67 @@ LMARITH_VNNI inline void scale_add_vnni(__m512* acc, const __m512i* dots, __m512
   }
 }
 
-// out[r * stride] = the sum of acc[r], tail[r] and lane r of `offsets` times offset_factor.
+// Weight rows whose sums are reduced together: a kernel parks its rows' 16-lane sums, and
+// one transposing tree turns 16 of them into 16 outputs, where a horizontal sum per output
+// (its latency chain and scalar store) took ~25% of a K = 576 decode kernel.
+constexpr int kGroup = 16;
+
+// parked[r * kGroup] = acc[r] with tail[r] and lane r of `offsets` times offset_factor added
+// into lane 0 (the kernels' per-row scalars ride along into the tree). One explicit fma for
+// all rows: left to the compiler, a scalar a * b + c was fused in some tile heights and not
+// in others, and a row's output changed with its batch (tested).
 template <int R>
-LMARITH_VNNI inline void store_vnni(const __m512* acc, const float* tail, __m256 offsets,
-                                    float offset_factor, float* out, int64_t stride) {
-  alignas(32) float lanes[kTile];
-  _mm256_store_ps(lanes, offsets);
+LMARITH_VNNI inline void park_vnni(const __m512* acc, const float* tail, __m256 offsets,
+                                   float offset_factor, __m512* parked) {
+  alignas(32) float lanes[kTile] = {};
+  for (int r = 0; r < R; ++r) lanes[r] = tail[r];
+  _mm256_store_ps(lanes, _mm256_fmadd_ps(_mm256_set1_ps(offset_factor), offsets, _mm256_load_ps(lanes)));
   for (int r = 0; r < R; ++r)
-    out[r * stride] = _mm512_reduce_add_ps(acc[r]) + tail[r] + offset_factor * lanes[r];
+    parked[r * kGroup] = _mm512_mask_add_ps(acc[r], 1, acc[r], _mm512_set1_ps(lanes[r]));
+}
+
+// Lane j of the result = the sum of v[j]'s 16 lanes: pairs interleaved and added (floats, then
+// 64-bit pairs), then the 128-bit quarters transposed and added; every output sums its lanes
+// in the same order wherever it sits in the group.
+LMARITH_VNNI inline __m512 sum16_vnni(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int k = 0; k < 8; ++k)
+    pairs[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
+                             _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(pairs[2 * k]), b = _mm512_castps_pd(pairs[2 * k + 1]);
+    quads[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// A VNNI row kernel: one weight row against a tile of R rows, parking its sums (park_vnni).
+template <int R>
+using ParkingKernel = void (*)(const uint8_t* row, const ActTile& tile, int64_t num_blocks,
+                               __m512* parked);
+
+// A TileDot's loop for tile height R: weight rows 16 at a time through KERNEL, then the
+// tree, out[r * stride + i] for the group's rows (a short last group padded with zeros).
+template <int R, ParkingKernel<R> KERNEL>
+LMARITH_VNNI inline void rows_vnni(const uint8_t* rows, int64_t row_bytes, int64_t count,
+                                   const ActTile& tile, int64_t num_blocks, float* out,
+                                   int64_t stride) {
+  __m512 parked[R * kGroup];
+  for (int64_t first = 0; first < count; first += kGroup) {
+    const int group = static_cast<int>(count - first < kGroup ? count - first : kGroup);
+    for (int i = 0; i < group; ++i) KERNEL(rows + (first + i) * row_bytes, tile, num_blocks, parked + i);
+    for (int i = group; i < kGroup; ++i)
+      for (int r = 0; r < R; ++r) parked[r * kGroup + i] = _mm512_setzero_ps();
+    const __mmask16 mask = static_cast<__mmask16>((1u << group) - 1);
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(out + r * stride + first, mask, sum16_vnni(parked + r * kGroup));
+  }
 }
 
 // The tile's offset terms of block b, c * (d_x * sum_x) per row (lane): c is q4_1's min, or

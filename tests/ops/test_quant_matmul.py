@@ -171,6 +171,21 @@ def test_cpp_every_isa(monkeypatch, isa: str, qtype: str) -> None:
     check_face("cpp", ops.run(OP, "cpp", strided, weight), strided, weight)
 
 
+@pytest.mark.skipif(not ISAS, reason="lmarith._C is not built")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", list(QTYPES))
+def test_cpp_a_row_does_not_depend_on_its_batch(monkeypatch, isa: str, qtype: str) -> None:
+    """Each activation row's outputs are bit for bit the same alone and in batches of every
+    tile height (partial tiles, and output rows in partial groups of the 16 reduced
+    together): a request's greedy text must not change with its neighbours."""
+    monkeypatch.setenv(cpp_quant.ISA_ENV, isa)
+    k = 288 if qtype in SMALL else 512
+    weight, x = make_weight(qtype, 37, k, seed=5), make_x(17, k, seed=6)
+    alone = torch.cat([ops.run(OP, "cpp", x[i: i + 1], weight) for i in range(17)])
+    for m in (2, 7, 8, 9, 17):
+        assert torch.equal(ops.run(OP, "cpp", x[:m], weight), alone[:m]), m
+
+
 def test_cpp_isa_env_rejects_unknown(monkeypatch) -> None:
     if "cpp" not in ops.faces(OP):
         pytest.skip("lmarith._C is not built")
