@@ -77,13 +77,17 @@ LMARITH_AVX2 inline __m256 k4_factors_avx2(__m128i bytes, float d) {
   return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)));
 }
 
-// out[r * stride] = the horizontal sum of acc[r] plus lane r of `offsets` times offset_factor.
+// out[r * stride] = the horizontal sum of acc[r] plus lane r of `offsets` times offset_factor,
+// by an explicit fma: a plain a * b + c may be fused at some tile heights and not at others,
+// and a row's output would then change with its batch.
 template <int R>
 LMARITH_AVX2 inline void store_avx2(const __m256* acc, __m256 offsets, float offset_factor,
                                     float* out, int64_t stride) {
   alignas(32) float lanes[kTile];
   _mm256_store_ps(lanes, offsets);
-  for (int r = 0; r < R; ++r) out[r * stride] = hsum_avx2(acc[r]) + offset_factor * lanes[r];
+  for (int r = 0; r < R; ++r)
+    out[r * stride] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(offset_factor), _mm_set_ss(lanes[r]),
+                                                 _mm_set_ss(hsum_avx2(acc[r]))));
 }
 
 // q5's fifth bits (bit j of qh for weight j) as 32 bytes of 0 or 16, in weight order: each
