@@ -279,8 +279,9 @@ void combine_typed(const In* logits, int64_t num_terms, int64_t batch, int64_t v
   const float nan = std::numeric_limits<float>::quiet_NaN();
   std::vector<TermNormaliser> normalisers(num_terms * batch, TermNormaliser{nan, nan, false});
   const int64_t pairs = num_terms * batch;
+  const bool parallel = pairs * vocab >= detail::kParallelRowElements;
 #ifdef LMARITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
 #endif
   for (int64_t pair = 0; pair < pairs; ++pair) {
     const int64_t row = pair % batch, term = pair / batch;
@@ -288,7 +289,7 @@ void combine_typed(const In* logits, int64_t num_terms, int64_t batch, int64_t v
       normalisers[row * num_terms + term] = term_normaliser(logits + pair * vocab, vocab);
   }
 #ifdef LMARITH_OPENMP
-#pragma omp parallel
+#pragma omp parallel if (parallel)
 #endif
   {
     ChunkScratch scratch(plan.num_blocks);

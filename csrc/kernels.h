@@ -136,6 +136,10 @@ bool quant_isa_supported(QuantIsa isa);
 namespace detail {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+// Row kernels (combine, sample, spec_accept) split rows across threads only from this many
+// logits: waking a passive OpenMP team costs ~50-100 us on the 2-core hosts measured, more
+// than a batch-1 step's combine or sample of a 49K vocabulary takes on one thread.
+constexpr int64_t kParallelRowElements = int64_t{1} << 18;
 
 inline uint32_t float_bits(float value) {
   uint32_t bits;

@@ -437,7 +437,7 @@ void sample(const float* log_probs, int64_t batch, int64_t vocab, const SamplePa
             int64_t* tokens) {
   gumbel_bounds();
 #ifdef LMARITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (batch * vocab >= detail::kParallelRowElements)
 #endif
   for (int64_t row = 0; row < batch; ++row) {
     const RowParams row_params{params.temperature[row], params.top_k[row], params.top_p[row],

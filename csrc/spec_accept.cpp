@@ -218,7 +218,7 @@ void spec_accept(const SpecAcceptInputs& inputs, int64_t batch, int64_t max_draf
                  int32_t* num_accepted, int64_t* next_token) {
   noise_bounds();
 #ifdef LMARITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (batch * (max_drafts + 1) * vocab >= detail::kParallelRowElements)
 #endif
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t drafts = inputs.num_drafts[b] < 0 ? 0 : inputs.num_drafts[b];
