@@ -36,11 +36,6 @@ LMARITH_VNNI inline __m512 half_pair_vnni(const uint8_t* first, const uint8_t* s
   return _mm512_cvtph_ps(halves);
 }
 
-// `first` in lanes 0-7, `second` in 8-15: two blocks' float factors for one pair step.
-LMARITH_VNNI inline __m512 pair_of(float first, float second) {
-  return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(first), _mm512_set1_ps(second));
-}
-
 // The 8-lane halves of a pair's scales.
 LMARITH_VNNI inline __m256 low_half(__m512 v) { return _mm512_castps512_ps256(v); }
 LMARITH_VNNI inline __m256 high_half(__m512 v) {
